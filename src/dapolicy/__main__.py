@@ -1,0 +1,5 @@
+import sys
+
+from dapolicy.cli import main
+
+sys.exit(main())

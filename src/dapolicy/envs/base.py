@@ -1,0 +1,98 @@
+"""The environment interface every simulated task implements, and the registry `make_env`.
+
+An observation is a plain dict so it crosses process and file boundaries untouched:
+    {"images": {camera_name: uint8 [H, W, 3]}, "proprio": float32 [P]}
+Cameras are always listed in `Env.cameras` order; the policy stacks them in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+Observation = dict[str, Any]
+
+
+@dataclass
+class EnvSpec:
+    """Static description of a task, stored with datasets and models so they can be checked for a match."""
+
+    name: str
+    cameras: tuple[str, ...]
+    image_size: int
+    action_dim: int
+    proprio_dim: int
+    max_steps: int
+    action_low: tuple[float, ...] = ()
+    action_high: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["cameras"] = list(self.cameras)
+        d["action_low"] = list(self.action_low)
+        d["action_high"] = list(self.action_high)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EnvSpec":
+        d = dict(d)
+        d["cameras"] = tuple(d["cameras"])
+        d["action_low"] = tuple(d.get("action_low", ()))
+        d["action_high"] = tuple(d.get("action_high", ()))
+        return cls(**d)
+
+
+@dataclass
+class StepResult:
+    """What one env step returns besides the observation.
+
+    success: the task's success criterion holds at this step.
+    score: task progress in [0, 1] (PushT: clipped coverage / 0.95 as in Diffusion Policy; else success).
+    done: the episode cannot continue (time limit or terminal state).
+    info: the simulator's raw info dict, for debugging.
+    """
+
+    success: bool
+    score: float
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Env(Protocol):
+    """A seeded, image-observation task. Implementations: `pusht`, `metaworld/<task>`."""
+
+    spec: EnvSpec
+
+    def reset(self, seed: int) -> Observation:
+        """Start a new episode; the same seed gives the same start state (and the same OOD draw)."""
+
+    def step(self, action: np.ndarray) -> tuple[Observation, StepResult]:
+        """Apply one action (shape [action_dim], in the env's native units)."""
+
+    def expert_action(self) -> np.ndarray:
+        """The scripted expert's action for the current state (uses privileged simulator state)."""
+
+    def close(self) -> None: ...
+
+
+def make_env(name: str, image_size: int = 64, cameras: tuple[str, ...] | None = None,
+             ood: "OODConfig | None" = None, **kwargs: Any) -> Env:
+    """Build a task by name: "pusht" or "metaworld/<task-v3>" (e.g. "metaworld/button-press-v3").
+
+    ood: an out-of-distribution perturbation drawn per episode from the reset seed (None = in distribution).
+    """
+    from dapolicy.envs.perturbations import OODConfig  # noqa: F401  (type only)
+
+    if name == "pusht":
+        from dapolicy.envs.pusht import PushTEnv
+
+        return PushTEnv(image_size=image_size, ood=ood, **kwargs)
+    if name.startswith("metaworld/"):
+        from dapolicy.envs.metaworld import MetaWorldEnv
+
+        return MetaWorldEnv(task=name.split("/", 1)[1], image_size=image_size, cameras=cameras, ood=ood,
+                            **kwargs)
+    raise ValueError(f"unknown env {name!r}: expected 'pusht' or 'metaworld/<task-v3>'")
