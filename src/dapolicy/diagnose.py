@@ -1,0 +1,295 @@
+"""`dap diagnose`: the paper's Fig. 2 - how good the flow extrapolations are along the flow time tau.
+
+At every flow step the coupled sampler hands each model the other's *extrapolated* clean estimate
+(x_hat_1(tau) = x_tau + (1 - tau) v). The method only works if these estimates are informative early, so we
+measure them on held-out expert windows:
+
+* next frames: decode Z_hat(tau) with the policy's VAE; PSNR per camera vs (a) the real next frame o_{t+k}
+  and (b) the final prediction (the reference line is the final prediction's PSNR vs the real frame);
+* actions: MSE of A_hat(tau) vs (a) the final chunk and (b) the demonstrated chunk, in the policy's
+  normalised [-1, 1] units (padded steps past the episode end excluded).
+
+Validation windows come from the run's data (RUN/config.json): its `val_episodes` (store indices) if the
+trainer recorded them, else the last 10% of the expert episodes. Writes RUN/diagnose/diagnose.json, a plot
+(diagnose.png) and an image strip of decoded Z_hat(tau) next to the real next frame (strip.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dapolicy.evaluate import (ChunkDims, default_output_dir, load_policy, policy_config, to_numpy,
+                               unpack_prediction, uses_dynamics)
+from dapolicy.stats import psnr
+
+#: PSNR of identical images is infinite; this cap keeps curves finite (and JSON valid).
+PSNR_CAP_DB = 100.0
+VAL_FRACTION = 0.1
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _find_data_path(config: dict[str, Any]) -> str | None:
+    """The dataset path recorded in a run's config.json (top level or under a `data` section)."""
+    for key in ("data", "data_path", "data_dir", "store", "dataset"):
+        value = config.get(key)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict):
+            for sub in ("path", "data", "dir", "store"):
+                if isinstance(value.get(sub), str):
+                    return value[sub]
+    return None
+
+
+def _find_val_episodes(config: dict[str, Any]) -> list[int] | None:
+    for section in (config, config.get("data") if isinstance(config.get("data"), dict) else {}):
+        value = section.get("val_episodes")
+        if value is not None:
+            return [int(v) for v in value]
+    return None
+
+
+def validation_episodes(run_dir: str | Path, data_path: str | Path | None = None,
+                        max_episodes: int | None = None) -> tuple[Any, list[int], str]:
+    """Load the held-out expert episodes of a run -> (EpisodeData, their store indices, data path).
+
+    data_path overrides the path in RUN/config.json (needed when diagnosing a bare model folder).
+    """
+    from dapolicy.data.store import EpisodeStore
+
+    config: dict[str, Any] = {}
+    cfg_path = Path(run_dir) / "config.json"
+    if cfg_path.is_file() and not (Path(run_dir) / "model.safetensors").exists():
+        config = json.loads(cfg_path.read_text())
+    path = data_path or _find_data_path(config)
+    if path is None:
+        raise ValueError(f"cannot tell which data {run_dir} was trained on: no data path in {cfg_path}; "
+                         "pass --data")
+    if not Path(path).exists() and (Path(run_dir) / path).exists():
+        path = Path(run_dir) / path  # recorded relative to the run folder
+    store = EpisodeStore.open(path)
+    val = _find_val_episodes(config)
+    if val is None:
+        experts = store.select(sources=("expert",), success_only=True)
+        n_val = max(1, int(round(VAL_FRACTION * len(experts))))
+        val = experts[-n_val:]
+    if max_episodes is not None:
+        val = val[:max_episodes]
+    data = store.load(sources=("expert",), episodes=val)
+    if data.num_episodes == 0:
+        raise ValueError(f"no validation expert episodes in {path} (asked for store indices {val[:10]}...)")
+    return data, [int(m["store_index"]) for m in data.meta], str(path)
+
+
+def choose_windows(n_frames: int, windows: int, seed: int) -> np.ndarray:
+    """`windows` distinct frame ids (all of them if there are fewer), seeded and sorted."""
+    rng = np.random.default_rng(seed)
+    if windows >= n_frames:
+        return np.arange(n_frames, dtype=np.int64)
+    return np.sort(rng.choice(n_frames, size=windows, replace=False)).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def _normalized_actions(policy: Any, actions: np.ndarray) -> np.ndarray:
+    """Env-unit actions -> the policy's normalised [-1, 1] units (its saved action normaliser)."""
+    import torch
+
+    norm = policy.action_normalizer
+    device = next(iter(norm.buffers())).device
+    return to_numpy(norm.normalize(torch.as_tensor(np.asarray(actions), device=device))).astype(np.float64)
+
+
+def _capped_psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """PSNR per image over the last three axes ([..., S, S, 3]), capped at PSNR_CAP_DB."""
+    return np.minimum(psnr(a, b, axes=(-3, -2, -1)), PSNR_CAP_DB)
+
+
+def _masked_mse(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per-sample MSE of chunks [..., B, H, A] over steps where `valid` [B, H] holds."""
+    err = ((a - b) ** 2).mean(axis=-1)  # [..., B, H]
+    w = valid.astype(np.float64)
+    return (err * w).sum(axis=-1) / np.maximum(w.sum(axis=-1), 1.0)
+
+
+def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32, out_dir: str | Path | None = None,
+             data_path: str | Path | None = None, mode: str | None = None, flow_steps: int | None = None,
+             batch_size: int = 16, strip_windows: int = 3, seed: int = 0, policy: Any = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Compute the Fig. 2 curves on validation windows and write diagnose.json, diagnose.png, strip.png.
+
+    episodes: use at most this many validation episodes; windows: number of (seeded) windows.
+    Returns the JSON payload: per-tau curves (mean over windows) and the final-prediction references.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from dapolicy.configuration import write_json_atomic
+    from dapolicy.data.sampler import WindowSampler
+
+    if policy is None:
+        policy = load_policy(run_dir)
+    out = Path(out_dir) if out_dir is not None else default_output_dir(run_dir, "diagnose")
+    data, val_ids, path = validation_episodes(run_dir, data_path, episodes)
+    dims = ChunkDims.of(policy)
+    sampler = WindowSampler(data.episode_ends, n_obs=dims.n_obs_steps, horizon=dims.horizon,
+                            next_obs_offset=dims.next_obs_offset)
+    ids = choose_windows(len(sampler), windows, seed)
+    with_frames = uses_dynamics(policy) and mode != "off"
+    kwargs: dict[str, Any] = {k: v for k, v in (("mode", mode), ("steps", flow_steps)) if v is not None}
+
+    torch.manual_seed(seed)
+    taus: list[float] = []
+    psnr_real, psnr_final, final_psnr_real = [], [], []  # [K, B, C] per batch, then [B, C]
+    mse_final, mse_demo, final_mse_demo = [], [], []  # [K, B], then [B]
+    strip: dict[str, np.ndarray] = {}
+    for start in tqdm(range(0, len(ids), batch_size), desc="diagnose", disable=not progress, unit="batch"):
+        batch = sampler.gather(data.arrays(), ids[start:start + batch_size])
+        obs = {"images": batch["images"], "proprio": batch["proprio"]}
+        with torch.no_grad():
+            result = policy.predict_chunk(obs, return_next=with_frames, return_trace=True, **kwargs)
+        _, final_frames, trace = unpack_prediction(result, with_frames, True)
+        taus = [float(t) for t in trace["tau"]]
+        a_hat = to_numpy(trace["a_hat"]).astype(np.float64)  # [K, B, H, A], normalised
+        demo = _normalized_actions(policy, batch["action"])
+        valid = ~np.asarray(batch["action_is_pad"], bool)
+        everything = np.ones_like(valid)
+        mse_final.append(_masked_mse(a_hat, a_hat[-1], everything))
+        mse_demo.append(_masked_mse(a_hat, demo, valid))
+        final_mse_demo.append(_masked_mse(a_hat[-1], demo, valid))
+        if with_frames and trace.get("z_hat") is not None:
+            z_hat = torch.as_tensor(trace["z_hat"])  # [K, B, C, c, h, w]
+            decoded = to_numpy(policy.decode_latents(z_hat))  # [K, B, C, S, S, 3]
+            final = to_numpy(final_frames) if final_frames is not None else decoded[-1]
+            real = np.asarray(batch["next_images"])  # [B, C, S, S, 3]
+            psnr_real.append(_capped_psnr(decoded, real[None]))
+            psnr_final.append(_capped_psnr(decoded, final[None]))
+            final_psnr_real.append(_capped_psnr(final, real))
+            if start == 0:
+                n = min(strip_windows, real.shape[0])
+                strip = {"decoded": decoded[:, :n], "final": final[:n], "real": real[:n],
+                         "current": np.asarray(batch["images"])[:n, -1]}
+
+    result: dict[str, Any] = {
+        "tau": taus,
+        "n_windows": int(len(ids)),
+        "val_episodes": val_ids,
+        "data": path,
+        "settings": {"mode": mode or getattr(policy_config(policy), "coupling", None),
+                     "flow_steps": flow_steps or len(taus), "seed": seed, **dims.__dict__},
+        "action_mse_vs_final": np.concatenate(mse_final, axis=1).mean(axis=1).tolist(),
+        "action_mse_vs_demo": np.concatenate(mse_demo, axis=1).mean(axis=1).tolist(),
+        "final_action_mse_vs_demo": float(np.concatenate(final_mse_demo).mean()),
+    }
+    cameras = list(policy.spec.cameras)
+    if psnr_real:
+        pr = np.concatenate(psnr_real, axis=1).mean(axis=1)  # [K, C]
+        pf = np.concatenate(psnr_final, axis=1).mean(axis=1)
+        fr = np.concatenate(final_psnr_real, axis=0).mean(axis=0)  # [C]
+        result["psnr_vs_real"] = {cam: pr[:, i].tolist() for i, cam in enumerate(cameras)}
+        result["psnr_vs_final"] = {cam: pf[:, i].tolist() for i, cam in enumerate(cameras)}
+        result["final_psnr_vs_real"] = {cam: float(fr[i]) for i, cam in enumerate(cameras)}
+        result["psnr_cap_db"] = PSNR_CAP_DB
+
+    out.mkdir(parents=True, exist_ok=True)
+    result["plot"] = str(plot_curves(result, out / "diagnose.png"))
+    if strip:
+        result["strip"] = str(plot_strip(strip, taus, cameras, out / "strip.png"))
+    write_json_atomic(out / "diagnose.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def plot_curves(result: dict[str, Any], path: Path) -> Path:
+    """PSNR per camera vs tau (left, if the policy predicts frames) and action MSE vs tau (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tau = result["tau"]
+    has_frames = "psnr_vs_real" in result
+    fig, axes = plt.subplots(1, 2 if has_frames else 1, figsize=(10 if has_frames else 5, 3.6), squeeze=False)
+    axes = axes[0]
+    if has_frames:
+        ax = axes[0]
+        for i, cam in enumerate(result["psnr_vs_real"]):
+            color = f"C{i}"
+            ax.plot(tau, result["psnr_vs_real"][cam], "o-", color=color, label=f"{cam}: vs real next frame")
+            ax.plot(tau, result["psnr_vs_final"][cam], "s--", color=color, alpha=0.6, label=f"{cam}: vs final")
+            ax.axhline(result["final_psnr_vs_real"][cam], color=color, ls=":", label=f"{cam}: final vs real")
+        ax.set_xlabel("flow time tau")
+        ax.set_ylabel("PSNR of decoded Z_hat(tau) [dB]")
+        ax.set_title("extrapolated next frame")
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    ax.plot(tau, result["action_mse_vs_demo"], "o-", label="vs demonstrated chunk")
+    ax.plot(tau, result["action_mse_vs_final"], "s--", label="vs final chunk")
+    ax.axhline(result["final_action_mse_vs_demo"], color="k", ls=":", label="final vs demonstrated")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_xlabel("flow time tau")
+    ax.set_ylabel("MSE of A_hat(tau) (normalised units)")
+    ax.set_title("extrapolated action chunk")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_strip(strip: dict[str, np.ndarray], taus: list[float], cameras: list[str], path: Path) -> Path:
+    """Rows = (window, camera); columns = current frame, decoded Z_hat(tau_k) for every k, final, real next."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decoded = strip["decoded"]  # [K, n, C, S, S, 3]
+    k, n, c = decoded.shape[:3]
+    cols = k + 3
+    fig, axes = plt.subplots(n * c, cols, figsize=(1.1 * cols, 1.2 * n * c), squeeze=False)
+    for w in range(n):
+        for ci in range(c):
+            row = axes[w * c + ci]
+            images = [strip["current"][w, ci], *[decoded[j, w, ci] for j in range(k)], strip["final"][w, ci],
+                      strip["real"][w, ci]]
+            titles = ["current", *[f"tau={t:.2f}" for t in taus], "final", "real next"]
+            for ax, im, title in zip(row, images, titles):
+                ax.imshow(im, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if w == 0 and ci == 0:
+                    ax.set_title(title, fontsize=7)
+            row[0].set_ylabel(f"win {w}\n{cameras[ci]}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder (with model/ and config.json) or a model folder (then --data)")
+    parser.add_argument("--episodes", type=int, default=None, help="use at most N validation episodes")
+    parser.add_argument("--windows", type=int, default=32, help="number of validation windows (default 32)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/diagnose)")
+    parser.add_argument("--data", default=None, help="episode store (default: the run's training data)")
+    parser.add_argument("--mode", default=None, choices=["jacobi", "gauss_seidel", "predict_then_act", "off"],
+                        help="coupling mode (default: the model's)")
+    parser.add_argument("--flow-steps", type=int, default=None, help="flow steps K (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the window choice and the sampling noise")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = diagnose(args.run, episodes=args.episodes, windows=args.windows, out_dir=args.out,
+                      data_path=args.data, mode=args.mode, flow_steps=args.flow_steps, seed=args.seed)
+    print(f"tau:                     {' '.join(f'{t:6.2f}' for t in result['tau'])}")
+    for cam, curve in result.get("psnr_vs_real", {}).items():
+        print(f"PSNR {cam[:12]:>12} vs real: {' '.join(f'{v:6.2f}' for v in curve)}")
+    print(f"action MSE vs demo:      {' '.join(f'{v:6.3f}' for v in result['action_mse_vs_demo'])}")
+    print(f"wrote {Path(result['plot']).parent / 'diagnose.json'}")
+    return 0

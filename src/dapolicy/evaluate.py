@@ -1,0 +1,469 @@
+"""`dap eval`: seeded closed-loop evaluation of a trained policy, in distribution or out of distribution.
+
+Protocol (DESIGN §3): episode i uses env seed `seed + i` (default seed 100000, disjoint from the collection
+seeds), so every method meets the same start states and the same OOD draws. The policy is driven with a
+receding horizon exactly as `select_action` would (T_o-frame history, a queue of T_a actions), but the
+evaluator calls `predict_chunk` itself, because only there can it
+
+* time each chunk on its own (per-chunk latency p50/p90, after one untimed warm-up call), and
+* ask a DAP policy for its predicted next frames, which the videos show under the real frames.
+
+Results go to `RUN/eval/<name>.json` (success rate with a 95% Wilson interval, PushT-style score, per-episode
+records, latency, settings) and videos of the first episodes to `RUN/eval/videos/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dapolicy.envs.base import Env, EnvSpec, make_env
+from dapolicy.envs.perturbations import OOD_KINDS, OODConfig
+from dapolicy.stats import latency_summary, wilson_interval
+
+DEFAULT_SEED = 100_000
+OOD_SUITE: tuple[str, ...] = ("none", *OOD_KINDS)
+MODES: tuple[str, ...] = ("jacobi", "gauss_seidel", "predict_then_act", "off")
+MODEL_SUBDIR = "model"
+
+EnvFactory = Callable[..., Env]
+
+
+# ----------------------------------------------------------------------------------------------- policy access
+def resolve_model_dir(path: str | Path) -> Path:
+    """A run folder (holding `model/`) or a model folder directly -> the model folder."""
+    path = Path(path)
+    if (path / MODEL_SUBDIR / "config.json").is_file():
+        return path / MODEL_SUBDIR
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    raise FileNotFoundError(f"{path} holds no saved model (expected {path / MODEL_SUBDIR}/config.json "
+                            "or a model folder with config.json and model.safetensors)")
+
+
+def default_output_dir(path: str | Path, subdir: str) -> Path:
+    """Where results of `path` go: RUN/<subdir> for a run folder; next to a model folder otherwise.
+
+    A model folder is never written into, so it stays a clean artefact that can be copied or served.
+    """
+    path = Path(path)
+    if (path / MODEL_SUBDIR).is_dir():
+        return path / subdir
+    return path.parent / subdir
+
+
+def load_policy(path: str | Path) -> Any:
+    """Load the saved policy of a run (or model folder) in eval mode.
+
+    Uses `dapolicy.policies.load_pretrained` when the package offers a class-dispatching loader (baselines
+    are other classes), else `DAPPolicy.from_pretrained`.
+    """
+    import dapolicy.policies as policies
+
+    model_dir = resolve_model_dir(path)
+    loader = getattr(policies, "load_pretrained", None)
+    policy = loader(model_dir) if loader is not None else policies.DAPPolicy.from_pretrained(model_dir)
+    if hasattr(policy, "eval"):
+        policy.eval()
+    return policy
+
+
+def policy_config(policy: Any) -> Any:
+    """The policy's config dataclass (`policy.config`, or `policy.cfg`)."""
+    cfg = getattr(policy, "config", None)
+    return cfg if cfg is not None else getattr(policy, "cfg")
+
+
+@dataclass(frozen=True)
+class ChunkDims:
+    """The receding-horizon sizes the evaluator needs: T_o, H, T_a and the next-observation offset k."""
+
+    n_obs_steps: int
+    horizon: int
+    n_action_steps: int
+    next_obs_offset: int
+
+    @classmethod
+    def of(cls, policy: Any) -> "ChunkDims":
+        cfg = policy_config(policy)
+        k = getattr(cfg, "next_offset", None) or getattr(cfg, "next_obs_offset", None) or cfg.n_action_steps
+        return cls(int(cfg.n_obs_steps), int(cfg.horizon), int(cfg.n_action_steps), int(k))
+
+
+def uses_dynamics(policy: Any) -> bool:
+    """Whether the policy has a dynamics model that can predict next frames (DAP yes, FM and baselines no)."""
+    cfg = policy_config(policy)
+    flag = getattr(cfg, "uses_dynamics", None)
+    if flag is not None:
+        return bool(flag)
+    return "dynamics" in tuple(getattr(policy, "stages", ()))
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Tensor or array -> numpy array on the host."""
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def unpack_prediction(out: Any, return_next: bool, return_trace: bool) -> tuple[Any, Any, Any]:
+    """`predict_chunk`'s result -> (actions, next_frames | None, trace | None).
+
+    The contract returns `actions`, or a tuple `(actions, [next_frames,] [trace])` in that order.
+    """
+    if not (return_next or return_trace):
+        return (out[0] if isinstance(out, tuple) else out), None, None
+    if not isinstance(out, tuple):
+        raise TypeError("predict_chunk(return_next/return_trace=True) must return a tuple "
+                        f"(actions, [next_frames], [trace]), got {type(out).__name__}")
+    items = list(out)
+    actions = items.pop(0)
+    next_frames = items.pop(0) if return_next and items else None
+    trace = items.pop(0) if return_trace and items else None
+    return actions, next_frames, trace
+
+
+def _sync_device() -> None:
+    """Wait for queued GPU work so a timer measures the computation, not its dispatch."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------- controller
+class RecedingHorizonController:
+    """Runs a policy in closed loop with `select_action`'s semantics, calling `predict_chunk` directly.
+
+    Keeps the last T_o observations (the first frame of an episode repeated, as the training sampler pads)
+    and a queue of T_a actions; a new chunk is predicted only when the queue is empty.
+    """
+
+    def __init__(self, policy: Any, cameras: Sequence[str], mode: str | None = None,
+                 steps: int | None = None) -> None:
+        self.policy = policy
+        self.cameras = tuple(cameras)
+        self.dims = ChunkDims.of(policy)
+        self.mode = mode
+        self.steps = steps
+        self.can_predict_next = uses_dynamics(policy) and mode != "off"
+        self.latencies: list[tuple[float, bool]] = []  # (ms, included next-frame decoding)
+        self.last_next_frames: np.ndarray | None = None  # uint8 [C, S, S, 3] from the last re-plan
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the history and the queued actions (start of an episode)."""
+        self._history: collections.deque[dict[str, np.ndarray]] = collections.deque(
+            maxlen=self.dims.n_obs_steps)
+        self._queue: collections.deque[np.ndarray] = collections.deque()
+        self.last_next_frames = None
+
+    def _push(self, env_obs: dict[str, Any]) -> None:
+        frame = {"images": np.stack([np.asarray(env_obs["images"][c], np.uint8) for c in self.cameras]),
+                 "proprio": np.asarray(env_obs["proprio"], np.float32)}
+        if not self._history:
+            self._history.extend([frame] * self.dims.n_obs_steps)
+        else:
+            self._history.append(frame)
+
+    def batch(self) -> dict[str, np.ndarray]:
+        """The policy input for the current history: images [1,T_o,C,S,S,3], proprio [1,T_o,P]."""
+        return {"images": np.stack([f["images"] for f in self._history])[None],
+                "proprio": np.stack([f["proprio"] for f in self._history])[None]}
+
+    def predict(self, want_next: bool = False, timed: bool = True) -> np.ndarray:
+        """One chunk for the current history -> actions [H, A]; optionally records the predicted frames."""
+        import torch
+
+        want_next = want_next and self.can_predict_next
+        kwargs: dict[str, Any] = {}
+        if self.mode is not None:
+            kwargs["mode"] = self.mode
+        if self.steps is not None:
+            kwargs["steps"] = self.steps
+        obs = self.batch()
+        _sync_device()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.policy.predict_chunk(obs, return_next=want_next, **kwargs)
+        actions, next_frames, _ = unpack_prediction(out, want_next, False)
+        actions = to_numpy(actions)
+        _sync_device()
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        if timed:
+            self.latencies.append((elapsed_ms, want_next))
+        if next_frames is not None:
+            self.last_next_frames = to_numpy(next_frames)[0]
+        return actions[0]
+
+    def act(self, env_obs: dict[str, Any], want_next: bool = False) -> np.ndarray:
+        """The action for this step: pops the queue, re-planning first when it is empty."""
+        self._push(env_obs)
+        if not self._queue:
+            chunk = self.predict(want_next=want_next)
+            self._queue.extend(np.asarray(a, np.float32) for a in chunk[: self.dims.n_action_steps])
+        return self._queue.popleft()
+
+    def warm_up(self, env_obs: dict[str, Any], want_next: bool) -> None:
+        """One untimed call: first calls pay for lazy initialisation and allocator growth."""
+        self._push(env_obs)
+        self.predict(want_next=want_next, timed=False)
+        self.reset()
+
+    def latency_report(self) -> tuple[dict[str, Any], bool]:
+        """Per-chunk latency summary; excludes chunks that also decoded frames for videos when others exist.
+
+        Decoding the predicted frames is only for the videos and is not needed to act, so it would bias
+        the latency. Returns (summary, whether the summary includes decoding).
+        """
+        plain = [ms for ms, dec in self.latencies if not dec]
+        if plain:
+            return latency_summary(plain), False
+        return latency_summary([ms for ms, _ in self.latencies]), bool(self.latencies)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def normalize_ood(kind: str) -> str:
+    """Accept the CLI spelling `novel-object` for the kind `novel_object`."""
+    kind = kind.replace("-", "_")
+    if kind != "all" and kind not in OOD_SUITE:
+        raise ValueError(f"unknown OOD kind {kind!r}: expected one of {', '.join(OOD_SUITE)} or all")
+    return kind
+
+
+def result_name(ood: str, mode: str | None = None, steps: int | None = None) -> str:
+    """File stem of a result: the OOD kind, plus the coupling mode and flow steps when they were set."""
+    name = ood
+    if mode is not None:
+        name += f"_{mode}"
+    if steps is not None:
+        name += f"_k{steps}"
+    return name
+
+
+def _episode_frame(obs: dict[str, Any], cameras: Sequence[str], predicted: np.ndarray | None,
+                   show_prediction: bool, offset: int, step: int) -> np.ndarray:
+    from dapolicy.video import compose_frame
+
+    real = [np.asarray(obs["images"][c]) for c in cameras]
+    pred = None
+    if show_prediction:
+        # Before the first prediction exists, a black row keeps every frame the same size.
+        pred = list(predicted) if predicted is not None else [np.zeros_like(r) for r in real]
+    return compose_frame(real, pred, real_label=f"real t={step}",
+                         predicted_label=f"predicted o(t+{offset}) at last re-plan")
+
+
+def run_episodes(policy: Any, env: Env, spec: EnvSpec, episodes: int, seed: int, max_steps: int,
+                 mode: str | None = None, steps: int | None = None, videos: int = 0,
+                 video_dir: Path | None = None, video_prefix: str = "episode",
+                 progress: bool = True, desc: str = "eval") -> tuple[list[dict[str, Any]], dict[str, Any], bool, list[str]]:
+    """Roll out `episodes` seeded episodes. Returns (per-episode records, latency summary,
+    latency includes decoding, video paths)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from dapolicy.video import video_suffix, write_video
+
+    controller = RecedingHorizonController(policy, spec.cameras, mode=mode, steps=steps)
+    show_prediction = controller.can_predict_next
+    controller.warm_up(env.reset(seed), want_next=show_prediction and videos > 0)
+
+    records: list[dict[str, Any]] = []
+    video_paths: list[str] = []
+    n_success = 0
+    bar = tqdm(range(episodes), desc=desc, disable=not progress, unit="ep")
+    for i in bar:
+        ep_seed = seed + i
+        # Seed the policy's sampling noise per episode: results do not depend on episode order.
+        torch.manual_seed(ep_seed)
+        np.random.seed(ep_seed % 2**32)
+        record_video = i < videos and video_dir is not None
+        controller.reset()
+        obs = env.reset(ep_seed)
+        frames: list[np.ndarray] = []
+        success, score, n_steps = False, 0.0, 0
+        for _ in range(max_steps):
+            action = controller.act(obs, want_next=record_video)
+            if record_video:
+                frames.append(_episode_frame(obs, spec.cameras, controller.last_next_frames, show_prediction,
+                                             controller.dims.next_obs_offset, n_steps))
+            obs, result = env.step(action)
+            n_steps += 1
+            score = max(score, float(result.score))
+            success = success or bool(result.success)
+            if success or result.done:
+                break
+        if record_video:
+            frames.append(_episode_frame(obs, spec.cameras, controller.last_next_frames, show_prediction,
+                                         controller.dims.next_obs_offset, n_steps))
+            path = write_video(frames, video_dir / f"{video_prefix}_ep{i:03d}_seed{ep_seed}{video_suffix()}")
+            video_paths.append(str(path))
+        n_success += int(success)
+        records.append({"episode": i, "seed": ep_seed, "success": success, "steps": n_steps, "score": score})
+        bar.set_postfix(success=f"{n_success}/{i + 1}")
+    latency, includes_decode = controller.latency_report()
+    return records, latency, includes_decode, video_paths
+
+
+def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: int = DEFAULT_SEED,
+             env: str | None = None, videos: int = 3, mode: str | None = None, flow_steps: int | None = None,
+             max_steps: int | None = None, out_dir: str | Path | None = None, name: str | None = None,
+             policy: Any = None, env_factory: EnvFactory | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate the policy of `run_dir` (a run folder or a model folder) and write `<out_dir>/<name>.json`.
+
+    ood: none | light | distractor | novel_object | all (all: every suite, plus summary.json / summary.md;
+        then the return value is {"suites": {kind: result}, "summary": [...]}).
+    env: task name; default the one the model was trained on (`policy.spec.name`).
+    mode / flow_steps: coupling mode and number of flow steps K; None = the policy's defaults.
+    max_steps: episode length limit; default the task's `spec.max_steps`.
+    policy: an already loaded policy (skips loading); env_factory: replaces `make_env` (tests).
+    """
+    ood = normalize_ood(ood)
+    env_factory = env_factory or make_env
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    out = Path(out_dir) if out_dir is not None else default_output_dir(run_dir, "eval")
+    if policy is None:
+        policy = load_policy(run_dir)
+    if ood == "all":
+        return _evaluate_all(run_dir, episodes, seed, env, videos, mode, flow_steps, max_steps, out, policy,
+                             env_factory, progress)
+
+    from dapolicy.configuration import write_json_atomic
+
+    spec: EnvSpec = policy.spec
+    env_name = env or spec.name
+    name = name or result_name(ood, mode, flow_steps)
+    environment = env_factory(env_name, image_size=spec.image_size, cameras=tuple(spec.cameras),
+                              ood=OODConfig(kind=ood))
+    try:
+        _check_env(environment.spec, spec)
+        limit = max_steps if max_steps is not None else environment.spec.max_steps
+        start = time.perf_counter()
+        records, latency, includes_decode, video_paths = run_episodes(
+            policy, environment, spec, episodes, seed, limit, mode=mode, steps=flow_steps, videos=videos,
+            video_dir=out / "videos", video_prefix=name, progress=progress, desc=f"eval {name}")
+        wall = time.perf_counter() - start
+    finally:
+        environment.close()
+
+    n_success = sum(r["success"] for r in records)
+    cfg = policy_config(policy)
+    dims = ChunkDims.of(policy)
+    flow_cfg = getattr(cfg, "flow", None)
+    result = {
+        "name": name,
+        "env": env_name,
+        "ood": ood,
+        "method": getattr(cfg, "method", type(policy).__name__),
+        "n_episodes": len(records),
+        "n_success": n_success,
+        "success_rate": n_success / len(records),
+        "ci95": list(wilson_interval(n_success, len(records))),
+        "mean_score": float(np.mean([r["score"] for r in records])),
+        "mean_steps": float(np.mean([r["steps"] for r in records])),
+        "latency_ms": latency,
+        "latency_includes_decode": includes_decode,
+        "settings": {
+            "seed": seed, "episode_seeds": [seed, seed + episodes - 1], "max_steps": limit,
+            "mode": mode or getattr(cfg, "coupling", None),
+            "flow_steps": flow_steps or getattr(flow_cfg, "steps", None),
+            "videos": videos, **asdict(dims), "image_size": spec.image_size, "cameras": list(spec.cameras),
+            "model_dir": str(_model_dir_or_none(run_dir)),
+        },
+        "episodes": records,
+        "videos": video_paths,
+        "wall_time_s": wall,
+    }
+    write_json_atomic(out / f"{name}.json", result)
+    return result
+
+
+def _model_dir_or_none(path: str | Path) -> Path | None:
+    try:
+        return resolve_model_dir(path)
+    except FileNotFoundError:
+        return None
+
+
+def _check_env(env_spec: EnvSpec, model_spec: EnvSpec) -> None:
+    """Fail early when the env cannot feed this model (different action size, cameras or image size)."""
+    if env_spec.action_dim != model_spec.action_dim:
+        raise ValueError(f"env {env_spec.name!r} has action_dim {env_spec.action_dim}, the model expects "
+                         f"{model_spec.action_dim}")
+    missing = set(model_spec.cameras) - set(env_spec.cameras)
+    if missing:
+        raise ValueError(f"env {env_spec.name!r} lacks the model's cameras {sorted(missing)}")
+    if env_spec.image_size != model_spec.image_size:
+        raise ValueError(f"env renders {env_spec.image_size} px, the model expects {model_spec.image_size} px")
+
+
+def _evaluate_all(run_dir: str | Path, episodes: int, seed: int, env: str | None, videos: int,
+                  mode: str | None, flow_steps: int | None, max_steps: int | None, out: Path, policy: Any,
+                  env_factory: EnvFactory | None, progress: bool) -> dict[str, Any]:
+    """Every OOD suite on the same seeds, then a summary table (JSON and Markdown)."""
+    from dapolicy.configuration import write_json_atomic
+
+    suites = {kind: evaluate(run_dir, episodes, kind, seed, env, videos, mode, flow_steps, max_steps, out,
+                             policy=policy, env_factory=env_factory, progress=progress)
+              for kind in OOD_SUITE}
+    rows = [{"ood": k, "success_rate": r["success_rate"], "ci95": r["ci95"], "mean_score": r["mean_score"],
+             "n_episodes": r["n_episodes"], "latency_p50_ms": r["latency_ms"]["p50"]} for k, r in suites.items()]
+    stem = "summary" + result_name("", mode, flow_steps)
+    write_json_atomic(out / f"{stem}.json", {"rows": rows, "seed": seed})
+    (out / f"{stem}.md").write_text(format_table(rows) + "\n")
+    return {"suites": suites, "summary": rows}
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of summary rows (success with Wilson interval, score, latency)."""
+    lines = ["| suite | success | 95% CI | score | episodes | p50 ms/chunk |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        p50 = "-" if r["latency_p50_ms"] is None else f"{r['latency_p50_ms']:.1f}"
+        lines.append(f"| {r['ood']} | {r['success_rate']:.1%} | [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] | "
+                     f"{r['mean_score']:.3f} | {r['n_episodes']} | {p50} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder (with model/) or a saved model folder")
+    parser.add_argument("--episodes", type=int, default=50, help="seeded episodes per suite (default 50)")
+    parser.add_argument("--ood", default="none", choices=["none", "light", "distractor", "novel-object",
+                                                          "novel_object", "all"],
+                        help="out-of-distribution suite; 'all' runs every suite and writes a summary")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"episode i uses env seed SEED+i (default {DEFAULT_SEED}, disjoint from training)")
+    parser.add_argument("--env", default=None, help="task name (default: the one the model was trained on)")
+    parser.add_argument("--videos", type=int, default=3, help="write videos of the first K episodes (default 3)")
+    parser.add_argument("--mode", default=None, choices=MODES,
+                        help="coupling mode (default: the model's); 'off' = no dynamics model")
+    parser.add_argument("--flow-steps", type=int, default=None, help="flow steps K (default: the model's)")
+    parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the task's)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    parser.add_argument("--name", default=None, help="result file name (default: suite [+ mode, steps])")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate(args.run, episodes=args.episodes, ood=args.ood, seed=args.seed, env=args.env,
+                      videos=args.videos, mode=args.mode, flow_steps=args.flow_steps, max_steps=args.max_steps,
+                      out_dir=args.out, name=args.name)
+    out = Path(args.out) if args.out else default_output_dir(args.run, "eval")
+    if "suites" in result:
+        print(format_table(result["summary"]))
+    else:
+        print(format_table([{"ood": result["ood"], "success_rate": result["success_rate"], "ci95": result["ci95"],
+                             "mean_score": result["mean_score"], "n_episodes": result["n_episodes"],
+                             "latency_p50_ms": result["latency_ms"]["p50"]}]))
+        print(f"wrote {out / (result['name'] + '.json')}")
+    return 0

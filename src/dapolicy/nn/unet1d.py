@@ -1,0 +1,331 @@
+"""Temporal 1-D conv U-Net over the action chunk, with cross-attention to observation tokens (DESIGN §1.4).
+
+The backbone follows Diffusion Policy's `ConditionalUnet1D` (residual Conv1d-GroupNorm-Mish blocks, FiLM on
+the flow time tau, strided-conv down-sampling, transposed-conv up-sampling with skip connections). What DAP
+adds is that observations enter through **cross-attention at every resolution** instead of FiLM, and that
+the context is split in two groups with different update rates:
+
+* *static* tokens (the current observation) are fixed for the whole flow sampling loop: their keys/values
+  for every attention layer are projected once by `prepare_context` and reused at every step;
+* *dynamic* tokens (the dynamics model's extrapolated next-observation estimate) change at every flow step
+  and are projected on each `forward` call.
+
+Attending to ``concat(static_kv, dynamic_kv)`` is exactly the same computation as attending to the
+concatenated tokens, so the cache changes cost, never results.
+
+For the Diffusion-Policy CNN baseline the same module works without attention (`cross_attention=False`),
+conditioned by FiLM on ``[tau embedding, global_cond]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dapolicy.nn.attention import KV, CrossAttention, TimestepEmbedding
+
+__all__ = ["UNet1DConfig", "ContextCache", "CrossAttnUNet1D"]
+
+
+@dataclass
+class UNet1DConfig:
+    """Hyper-parameters of the U-Net.
+
+    down_dims: channels of each resolution level; the chunk is halved between consecutive levels, so the
+        horizon H must be divisible by ``2 ** (len(down_dims) - 1)``.
+    kernel_size: temporal kernel of the residual convs (odd, so "same" padding keeps the length).
+    n_groups: GroupNorm groups in the conv blocks; must divide every entry of down_dims.
+    tau_embed_dim: width of the sinusoidal+MLP embedding of tau that drives FiLM.
+    attn_heads: heads of the cross-attention layers; must divide every entry of down_dims.
+    cross_attention: False drops the attention layers (a plain FiLM U-Net, for the DP-C baseline).
+    """
+
+    down_dims: tuple[int, ...] = (64, 128, 256)
+    kernel_size: int = 5
+    n_groups: int = 8
+    tau_embed_dim: int = 128
+    attn_heads: int = 4
+    cross_attention: bool = True
+
+    def __post_init__(self) -> None:
+        self.down_dims = tuple(int(d) for d in self.down_dims)
+        if not self.down_dims or any(d <= 0 for d in self.down_dims):
+            raise ValueError(f"down_dims must be a non-empty tuple of positive ints, got {self.down_dims}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
+        if self.tau_embed_dim <= 0:
+            raise ValueError(f"tau_embed_dim must be positive, got {self.tau_embed_dim}")
+        for d in self.down_dims:
+            if d % self.n_groups:
+                raise ValueError(f"n_groups {self.n_groups} must divide every down_dim, not {d}")
+            if self.cross_attention and d % self.attn_heads:
+                raise ValueError(f"attn_heads {self.attn_heads} must divide every down_dim, not {d}")
+
+    @property
+    def horizon_multiple(self) -> int:
+        """The chunk length must be a multiple of this (one halving between consecutive levels)."""
+        return 2 ** (len(self.down_dims) - 1)
+
+
+@dataclass(frozen=True)
+class ContextCache:
+    """Keys/values of one token group, projected for every cross-attention layer of a `CrossAttnUNet1D`.
+
+    kv[i] belongs to `model.context_layers()[i]`; each is ([B, heads, M, d], [B, heads, M, d]).
+    A cache with batch 1 is broadcast to any batch size in `forward`.
+    """
+
+    kv: tuple[KV, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv[0][0].shape[0] if self.kv else 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.kv[0][0].shape[2] if self.kv else 0
+
+
+class Conv1dBlock(nn.Module):
+    """Conv1d -> GroupNorm -> Mish, length preserving."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, n_groups: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv1d(in_ch, out_ch, kernel_size, padding=kernel_size // 2),
+            nn.GroupNorm(n_groups, out_ch),
+            nn.Mish(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x)
+
+
+class FiLMResBlock1D(nn.Module):
+    """Two conv blocks; the conditioning vector modulates the first one's output by (1 + scale) and bias.
+
+    (1 + scale) rather than Diffusion Policy's bare scale keeps the block close to identity-scaled at
+    initialisation, so a freshly initialised network does not multiply its features by ~0.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, kernel_size: int, n_groups: int) -> None:
+        super().__init__()
+        self.conv1 = Conv1dBlock(in_ch, out_ch, kernel_size, n_groups)
+        self.conv2 = Conv1dBlock(out_ch, out_ch, kernel_size, n_groups)
+        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_ch))
+        self.skip = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        scale, bias = self.film(cond).unsqueeze(-1).chunk(2, dim=1)
+        h = self.conv1(x) * (1.0 + scale) + bias
+        return self.conv2(h) + self.skip(x)
+
+
+class CrossAttnBlock1D(nn.Module):
+    """Pre-norm residual cross-attention: the H time positions are the queries, context tokens the keys."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.attn = CrossAttention(channels, context_dim, heads)
+
+    def forward(self, x: Tensor, kv: list[KV]) -> Tensor:
+        tokens = self.norm(x.transpose(1, 2))  # [B, H, C]
+        return x + self.attn(tokens, kv=kv).transpose(1, 2)
+
+
+class _DownLevel(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, cfg: UNet1DConfig, ctx: int, last: bool) -> None:
+        super().__init__()
+        self.res1 = FiLMResBlock1D(in_ch, out_ch, cond_dim, cfg.kernel_size, cfg.n_groups)
+        self.res2 = FiLMResBlock1D(out_ch, out_ch, cond_dim, cfg.kernel_size, cfg.n_groups)
+        self.attn = CrossAttnBlock1D(out_ch, ctx, cfg.attn_heads) if cfg.cross_attention else None
+        self.down = nn.Identity() if last else nn.Conv1d(out_ch, out_ch, 3, stride=2, padding=1)
+
+
+class _UpLevel(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, cfg: UNet1DConfig, ctx: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose1d(in_ch, out_ch, 4, stride=2, padding=1)
+        self.res1 = FiLMResBlock1D(2 * out_ch, out_ch, cond_dim, cfg.kernel_size, cfg.n_groups)
+        self.res2 = FiLMResBlock1D(out_ch, out_ch, cond_dim, cfg.kernel_size, cfg.n_groups)
+        self.attn = CrossAttnBlock1D(out_ch, ctx, cfg.attn_heads) if cfg.cross_attention else None
+
+
+class CrossAttnUNet1D(nn.Module):
+    """Velocity field v(x_tau, tau | context) over an action chunk x [B, H, A].
+
+    Layout with down_dims (d0, d1, d2):
+        down0 (d0, H) -> down1 (d1, H/2) -> down2 (d2, H/4) -> mid (d2, H/4) -> up1 (d1, H/2) -> up0 (d0, H)
+    Every level is [res, res, cross-attn]; the mid is [res, cross-attn, res]. Skips connect down_i to up_i.
+    Context tokens are LayerNormed once (a per-token op, so static and dynamic groups can be normalised
+    and projected separately) and then projected to keys/values per attention layer.
+    """
+
+    def __init__(
+        self, cfg: UNet1DConfig, action_dim: int, context_dim: int, global_cond_dim: int = 0
+    ) -> None:
+        super().__init__()
+        if action_dim <= 0:
+            raise ValueError(f"action_dim must be positive, got {action_dim}")
+        if cfg.cross_attention and context_dim <= 0:
+            raise ValueError(f"context_dim must be positive when cross_attention is on, got {context_dim}")
+        if global_cond_dim < 0:
+            raise ValueError(f"global_cond_dim must be >= 0, got {global_cond_dim}")
+        self.cfg = cfg
+        self.action_dim = action_dim
+        self.context_dim = context_dim
+        self.global_cond_dim = global_cond_dim
+        dims = cfg.down_dims
+        cond_dim = cfg.tau_embed_dim + global_cond_dim
+
+        self.tau_embed = TimestepEmbedding(cfg.tau_embed_dim)
+        self.context_norm = nn.LayerNorm(context_dim) if cfg.cross_attention else None
+        ins = (action_dim,) + dims[:-1]
+        self.downs = nn.ModuleList(
+            _DownLevel(i, o, cond_dim, cfg, context_dim, last=(n == len(dims) - 1))
+            for n, (i, o) in enumerate(zip(ins, dims))
+        )
+        mid = dims[-1]
+        self.mid1 = FiLMResBlock1D(mid, mid, cond_dim, cfg.kernel_size, cfg.n_groups)
+        self.mid_attn = CrossAttnBlock1D(mid, context_dim, cfg.attn_heads) if cfg.cross_attention else None
+        self.mid2 = FiLMResBlock1D(mid, mid, cond_dim, cfg.kernel_size, cfg.n_groups)
+        # ups[j] goes from level j+1 to level j; applied deepest first.
+        self.ups = nn.ModuleList(
+            _UpLevel(dims[j + 1], dims[j], cond_dim, cfg, context_dim) for j in range(len(dims) - 1)
+        )
+        self.final = nn.Sequential(
+            Conv1dBlock(dims[0], dims[0], cfg.kernel_size, cfg.n_groups), nn.Conv1d(dims[0], action_dim, 1)
+        )
+        self._attn_layers: list[CrossAttention] = self._collect_attention()
+
+    # ----------------------------------------------------------------------------------------- context
+    def _collect_attention(self) -> list[CrossAttention]:
+        if not self.cfg.cross_attention:
+            return []
+        blocks = [lvl.attn for lvl in self.downs] + [self.mid_attn] + [lvl.attn for lvl in reversed(self.ups)]
+        return [b.attn for b in blocks]
+
+    def context_layers(self) -> list[CrossAttention]:
+        """The cross-attention layers in the order of `ContextCache.kv` (execution order)."""
+        return list(self._attn_layers)
+
+    def prepare_context(self, tokens: Tensor) -> ContextCache:
+        """Project context tokens [B, M, context_dim] to keys/values for every attention layer, once.
+
+        Use for the tokens that stay fixed while sampling (current observation); the result can be passed
+        as `static=` to every flow step. Also usable for any constant group (e.g. learned null tokens).
+        """
+        if not self.cfg.cross_attention:
+            raise ValueError("this U-Net was built with cross_attention=False; it takes no context tokens")
+        if tokens.dim() != 3 or tokens.shape[-1] != self.context_dim:
+            raise ValueError(f"context tokens must be [B, M, {self.context_dim}], got {tuple(tokens.shape)}")
+        normed = self.context_norm(tokens)
+        return ContextCache(tuple(layer.kv(normed) for layer in self._attn_layers))
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: Tensor,
+        tau: Tensor | float,
+        static: ContextCache | None = None,
+        dynamic_tokens: Tensor | ContextCache | None = None,
+        static_tokens: Tensor | None = None,
+        global_cond: Tensor | None = None,
+    ) -> Tensor:
+        """Velocity [B, H, A] for the noisy chunk x [B, H, A] at flow time tau ([B], scalar or float).
+
+        Context: `static` (a prepared cache) or `static_tokens` (projected on the fly, the training path),
+        plus optional `dynamic_tokens` [B, M', context_dim] (or a cache of them); the layers attend to the
+        concatenation of both groups. At least one group is required when cross-attention is on.
+        `global_cond` [B, global_cond_dim] is FiLM conditioning concatenated to the tau embedding.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.action_dim:
+            raise ValueError(f"x must be [B, H, {self.action_dim}], got {tuple(x.shape)}")
+        b, horizon, _ = x.shape
+        if horizon == 0 or horizon % self.cfg.horizon_multiple:
+            raise ValueError(
+                f"horizon H={horizon} must be a positive multiple of {self.cfg.horizon_multiple} "
+                f"(2 ** (len(down_dims) - 1) with down_dims={self.cfg.down_dims})"
+            )
+        cond = self._condition(tau, b, x, global_cond)
+        kvs = self._gather_context(b, static, dynamic_tokens, static_tokens)
+
+        h = x.transpose(1, 2)  # [B, A, H]
+        skips: list[Tensor] = []
+        layer = 0
+        for lvl in self.downs:
+            h = lvl.res2(lvl.res1(h, cond), cond)
+            if lvl.attn is not None:
+                h = lvl.attn(h, kvs[layer])
+                layer += 1
+            skips.append(h)
+            h = lvl.down(h)
+        skips.pop()  # the deepest level's output is the mid's input; no skip needed there
+        h = self.mid1(h, cond)
+        if self.mid_attn is not None:
+            h = self.mid_attn(h, kvs[layer])
+            layer += 1
+        h = self.mid2(h, cond)
+        for lvl in reversed(self.ups):
+            h = torch.cat([lvl.up(h), skips.pop()], dim=1)
+            h = lvl.res2(lvl.res1(h, cond), cond)
+            if lvl.attn is not None:
+                h = lvl.attn(h, kvs[layer])
+                layer += 1
+        return self.final(h).transpose(1, 2)
+
+    def _condition(self, tau: Tensor | float, b: int, x: Tensor, global_cond: Tensor | None) -> Tensor:
+        tau = torch.as_tensor(tau, dtype=x.dtype, device=x.device)
+        if tau.dim() == 0:
+            tau = tau.expand(b)
+        tau = tau.reshape(-1)
+        if tau.shape[0] != b:
+            raise ValueError(f"tau must be a scalar or [B]={b}, got {tuple(tau.shape)}")
+        cond = self.tau_embed(tau)
+        if self.global_cond_dim:
+            if global_cond is None or global_cond.shape != (b, self.global_cond_dim):
+                got = None if global_cond is None else tuple(global_cond.shape)
+                raise ValueError(f"global_cond must be [{b}, {self.global_cond_dim}], got {got}")
+            cond = torch.cat([cond, global_cond.to(cond.dtype)], dim=-1)
+        elif global_cond is not None:
+            raise ValueError("global_cond given but the U-Net was built with global_cond_dim=0")
+        return cond
+
+    def _gather_context(
+        self,
+        b: int,
+        static: ContextCache | None,
+        dynamic: Tensor | ContextCache | None,
+        static_tokens: Tensor | None,
+    ) -> list[list[KV]]:
+        """Per attention layer, the list of (k, v) groups to concatenate."""
+        if not self.cfg.cross_attention:
+            if static is not None or dynamic is not None or static_tokens is not None:
+                raise ValueError("this U-Net was built with cross_attention=False; it takes no context")
+            return []
+        if static is not None and static_tokens is not None:
+            raise ValueError("pass either a prepared `static` cache or `static_tokens`, not both")
+        caches = []
+        for group in (static, static_tokens, dynamic):
+            if group is None:
+                continue
+            cache = group if isinstance(group, ContextCache) else self.prepare_context(group)
+            if len(cache.kv) != len(self._attn_layers):
+                raise ValueError(f"cache has {len(cache.kv)} layers, model has {len(self._attn_layers)}")
+            if cache.batch_size not in (1, b):
+                raise ValueError(f"context batch {cache.batch_size} does not match x batch {b} (or 1)")
+            caches.append(cache)
+        if not caches:
+            raise ValueError("cross-attention U-Net needs context: static cache, static_tokens or dynamic_tokens")
+        return [[_expand(c.kv[i], b) for c in caches] for i in range(len(self._attn_layers))]
+
+
+def _expand(kv: KV, b: int) -> KV:
+    """Broadcast a batch-1 key/value pair to batch b (a view, no copy)."""
+    k, v = kv
+    if k.shape[0] == b:
+        return kv
+    return k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])

@@ -1,0 +1,108 @@
+"""`dap render-ood`: one PNG showing what each out-of-distribution suite does to the observations.
+
+Rows: none / light / distractor / novel_object; columns: seeds x cameras. Each cell is the first frame after
+`reset(seed)` (optionally after a few expert steps), so a cell shows exactly what an evaluation episode with
+that seed starts from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from dapolicy.envs.perturbations import OOD_KINDS, OODConfig
+
+ROWS: tuple[str, ...] = ("none", *OOD_KINDS)
+_LABEL_WIDTH = 96
+_HEADER_HEIGHT = 28
+_GAP = 2
+
+
+def capture(env_name: str, kind: str, seeds: Sequence[int], image_size: int = 64,
+            cameras: tuple[str, ...] | None = None, steps: int = 0) -> tuple[tuple[str, ...], list[list[np.ndarray]]]:
+    """Frames of one OOD kind: for each seed, one uint8 [S,S,3] image per camera (after `steps` expert steps)."""
+    from dapolicy.envs.base import make_env
+
+    env = make_env(env_name, image_size=image_size, cameras=cameras, ood=OODConfig(kind=kind))
+    try:
+        frames = []
+        for seed in seeds:
+            obs = env.reset(int(seed))
+            for _ in range(steps):
+                obs, result = env.step(env.expert_action())
+                if result.done:
+                    break
+            frames.append([np.asarray(obs["images"][c]) for c in env.spec.cameras])
+        return env.spec.cameras, frames
+    finally:
+        env.close()
+
+
+def render_grid(env_name: str, seeds: Sequence[int], image_size: int = 64, cameras: tuple[str, ...] | None = None,
+                scale: int | None = None, steps: int = 0, kinds: Sequence[str] = ROWS) -> "PIL.Image.Image":  # noqa: F821
+    """The labelled grid image (rows = OOD kinds, columns = seed x camera)."""
+    from PIL import Image, ImageDraw
+
+    scale = scale or max(1, 128 // image_size)
+    cell = image_size * scale
+    rows = [capture(env_name, k, seeds, image_size, cameras, steps) for k in kinds]
+    cams = rows[0][0]
+    n_cols = len(seeds) * len(cams)
+    width = _LABEL_WIDTH + n_cols * (cell + _GAP)
+    height = _HEADER_HEIGHT + len(kinds) * (cell + _GAP)
+    grid = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for si, seed in enumerate(seeds):
+        for ci, cam in enumerate(cams):
+            x = _LABEL_WIDTH + (si * len(cams) + ci) * (cell + _GAP)
+            draw.text((x + 2, 2), f"seed {seed}", fill=(0, 0, 0))
+            draw.text((x + 2, 14), cam[:max(4, cell // 6)], fill=(90, 90, 90))
+    for ri, (kind, (_, frames)) in enumerate(zip(kinds, rows)):
+        y = _HEADER_HEIGHT + ri * (cell + _GAP)
+        draw.text((4, y + cell // 2 - 6), kind, fill=(0, 0, 0))
+        for si, per_cam in enumerate(frames):
+            for ci, img in enumerate(per_cam):
+                x = _LABEL_WIDTH + (si * len(cams) + ci) * (cell + _GAP)
+                tile = Image.fromarray(img).resize((cell, cell), Image.NEAREST)
+                grid.paste(tile, (x, y))
+    return grid
+
+
+def render_ood(env_name: str, out: str | Path, n_seeds: int = 4, image_size: int = 64, seed_start: int = 0,
+               cameras: tuple[str, ...] | None = None, scale: int | None = None, steps: int = 0) -> Path:
+    """Write the grid to `out` (PNG, written to a temp name and renamed so a partial file never appears)."""
+    out = Path(out)
+    grid = render_grid(env_name, list(range(seed_start, seed_start + n_seeds)), image_size, cameras, scale, steps)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, out)
+    return out
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("env", help='task: "pusht" or "metaworld/<task-v3>"')
+    p.add_argument("--out", required=True, help="output PNG file")
+    p.add_argument("--seeds", type=int, default=4, help="number of seeds (columns per camera, default 4)")
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--cameras", default=None, help="comma-separated camera names (default: the env's)")
+    p.add_argument("--scale", type=int, default=None, help="integer upscaling of each cell (default: to ~128 px)")
+    p.add_argument("--steps", type=int, default=0, help="expert steps before the frame is taken (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        print("dap render-ood: error: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    cameras = tuple(c for c in args.cameras.split(",") if c) if args.cameras else None
+    path = render_ood(args.env, args.out, args.seeds, args.image_size, args.seed_start, cameras, args.scale,
+                      args.steps)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,160 @@
+"""`TrainConfig`: every knob of `dap train`, with per-preset step budgets.
+
+Budgets are in optimizer steps, not wall-clock time: on a shared CPU the same step count gives the same
+model whatever the load (see shared/research/calibration.md, where 2200 policy steps at batch 64 is the
+10-minute recipe for the small configuration).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+STAGES = ("vae", "dynamics", "policy")
+
+# Optimizer steps per stage for each named configuration. "small" is the calibrated CPU recipe.
+DEFAULT_STEPS: dict[str, dict[str, int]] = {
+    "tiny": {"vae": 20, "dynamics": 20, "policy": 20},
+    "small": {"vae": 900, "dynamics": 1500, "policy": 2200},
+    "paper": {"vae": 20_000, "dynamics": 100_000, "policy": 100_000},
+}
+
+# Learning rates per stage: the conv VAE and the DiT prefer a gentler rate than the U-Net policy.
+DEFAULT_LR: dict[str, float] = {"vae": 1e-4, "dynamics": 1e-4, "policy": 3e-4}
+
+
+@dataclass
+class TrainConfig:
+    """How `dap train` optimises each stage of a policy.
+
+    steps: optimizer steps per stage name (a stage not listed uses `default_steps`).
+    batch_size: windows (or single frames for the VAE) per optimizer step.
+    lr: peak learning rate per stage name (a stage not listed uses `default_lr`).
+    weight_decay, betas: AdamW; Diffusion Policy's betas (0.95, 0.999).
+    warmup_steps: linear warm-up from 0, then cosine decay to `min_lr_ratio * lr` at the stage's last step.
+    grad_clip: max global gradient norm (0 disables clipping).
+    ema_power, ema_max_decay, ema_min_decay, ema_inv_gamma: Diffusion-Policy EMA. The decay at update n is
+        1 - (1 + n / inv_gamma) ** -power, clamped to [min_decay, max_decay]: it starts near 0 (the EMA
+        follows the raw weights while they move fast) and approaches max_decay (0.9999) as training goes on.
+        With power 0.75 it reaches 0.999 after ~10k steps. `ema_power = 0` disables EMA (decay 0).
+    log_interval: steps between metrics records (train scalars averaged over the interval).
+    ckpt_interval: steps between `checkpoints/last.pt` writes (also written at the end of every stage).
+    val_interval: steps between validation-loss evaluations (0: only at the end of each stage).
+    val_fraction: share of episodes held out of every stage's training for the validation loss that picks
+        `checkpoints/best.pt` (at least one episode when there are two or more; 0 disables validation).
+    val_batches: batches (of `batch_size`) drawn from the held-out episodes per evaluation, always the same.
+    use_best: load the best-validation EMA weights (instead of the last ones) into the saved model.
+    threads: torch CPU threads (0 leaves torch's default). Resume is bit-exact only at the same count.
+    amp: bfloat16 autocast on CUDA (ignored on CPU).
+    latent_batch: frames per `encode_latents` call when the latent cache is built.
+    logger: "none", "tensorboard" or "wandb" (extra sinks besides metrics.jsonl; must be installed).
+    progress: show a tqdm bar per stage.
+    """
+
+    steps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEPS["small"]))
+    default_steps: int = 1000
+    batch_size: int = 64
+    lr: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
+    default_lr: float = 3e-4
+    weight_decay: float = 1e-6
+    betas: tuple[float, float] = (0.95, 0.999)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    ema_power: float = 0.75
+    ema_max_decay: float = 0.9999
+    ema_min_decay: float = 0.0
+    ema_inv_gamma: float = 1.0
+    log_interval: int = 50
+    ckpt_interval: int = 500
+    val_interval: int = 500
+    val_fraction: float = 0.05
+    val_batches: int = 4
+    use_best: bool = False
+    threads: int = 2
+    amp: bool = False
+    latent_batch: int = 256
+    logger: str = "none"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # JSON round trips give lists
+        for name in ("batch_size", "log_interval", "ckpt_interval", "val_batches", "latent_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "val_interval", "threads", "default_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for stage, n in self.steps.items():
+            if int(n) < 0:
+                raise ValueError(f"steps for stage {stage!r} must be >= 0, got {n}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.ema_min_decay <= self.ema_max_decay < 1.0:
+            raise ValueError("EMA decays must satisfy 0 <= ema_min_decay <= ema_max_decay < 1")
+        if self.logger not in ("none", "tensorboard", "wandb"):
+            raise ValueError(f"logger must be none, tensorboard or wandb, got {self.logger!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+        """The defaults that go with a named policy configuration ("tiny" uses short intervals)."""
+        if name not in DEFAULT_STEPS:
+            raise ValueError(f"unknown configuration {name!r}: expected one of {sorted(DEFAULT_STEPS)}")
+        base: dict[str, Any] = {"steps": dict(DEFAULT_STEPS[name])}
+        if name == "tiny":
+            base.update(batch_size=8, warmup_steps=5, log_interval=5, ckpt_interval=10, val_interval=10,
+                        val_batches=1, latent_batch=64)
+        base.update(overrides)
+        return cls(**base)
+
+    def steps_for(self, stage: str) -> int:
+        return int(self.steps.get(stage, self.default_steps))
+
+    def lr_for(self, stage: str) -> float:
+        return float(self.lr.get(stage, self.default_lr))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def with_overrides(self, **overrides: Any) -> "TrainConfig":
+        """A copy with the non-None overrides applied (None means "keep")."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_steps(text: str | int | dict[str, int] | None, stages: tuple[str, ...] = STAGES) -> dict[str, int]:
+    """Parse `--steps`: "N" (every selected stage) or "vae=900,dynamics=1500,policy=2200".
+
+    Returns only the stages it names; the caller merges the result over the preset's budgets.
+    """
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        return {str(k): int(v) for k, v in text.items()}
+    if isinstance(text, int):
+        return {s: text for s in stages}
+    text = text.strip()
+    if "=" not in text:
+        try:
+            return {s: int(text) for s in stages}
+        except ValueError:
+            raise ValueError(f"--steps expects N or stage=N,... ; got {text!r}") from None
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in STAGES:
+            raise ValueError(f"--steps: unknown stage {name!r} (stages: {', '.join(STAGES)})")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--steps: {part!r} is not stage=N") from None
+        if out[name] < 0:
+            raise ValueError(f"--steps: {part!r} must be >= 0")
+    return out

@@ -1,0 +1,137 @@
+"""Run metrics: `metrics.jsonl` (one JSON object per line), loss plots, optional TensorBoard / wandb.
+
+metrics.jsonl is the source of truth; plots and the optional sinks are derived from the same records.
+Record kinds ("kind" field): "train" (scalars averaged over the log interval, lr, samples_per_s),
+"val" (validation loss with EMA weights), "stage_end" (summary of a finished stage).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them readable
+    return value
+
+
+class MetricsLog:
+    """Appends records to RUN/metrics.jsonl and forwards scalars to an optional logger."""
+
+    def __init__(self, path: Path, logger: str = "none", run_dir: Path | None = None,
+                 run_config: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._sink = _make_sink(logger, run_dir or self.path.parent, run_config or {})
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        if self._sink is not None:
+            self._sink(record)
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path)
+
+    def truncate_after(self, stage_order: tuple[str, ...], stage: str, step: int) -> None:
+        """Drop records written after the checkpoint a resume starts from (the interrupted run logged
+        steps that will be trained again), so the log reads like one uninterrupted run."""
+        if not self.path.exists():
+            return
+        rank = {s: i for i, s in enumerate(stage_order)}
+        keep = []
+        for r in read_metrics(self.path):
+            r_rank = rank.get(r.get("stage", ""), -1)
+            if r_rank > rank[stage] or (r_rank == rank[stage] and (r.get("step", 0) > step
+                                                                 or r.get("kind") == "stage_end")):
+                continue
+            keep.append(r)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(self.path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl; a torn last line (killed mid-write) is skipped."""
+    out = []
+    path = Path(path)
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def plot_losses(records: list[dict[str, Any]], stage: str, out_path: Path) -> None:
+    """Train and validation loss of one stage against the step, log-scale when positive."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records
+             if r.get("stage") == stage and r.get("kind") == "train" and isinstance(r.get("loss"), float)]
+    val = [(r["step"], r["val_loss"]) for r in records
+           if r.get("stage") == stage and r.get("kind") == "val" and isinstance(r.get("val_loss"), float)]
+    if not train and not val:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation (EMA)")
+    values = [v for _, v in train + val]
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"stage: {stage}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def _make_sink(logger: str, run_dir: Path, run_config: dict[str, Any]):
+    """An optional extra destination for scalars; the package is imported only when asked for."""
+    if logger == "none":
+        return None
+    if logger == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise RuntimeError("--logger tensorboard needs the `tensorboard` package (pip install "
+                               "tensorboard)") from e
+        writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+        def tb(record: dict[str, Any]) -> None:
+            prefix = f"{record.get('stage', 'run')}/{record.get('kind', 'train')}"
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    writer.add_scalar(f"{prefix}/{k}", v, record.get("step", 0))
+            writer.flush()
+
+        return tb
+    if logger == "wandb":
+        try:
+            import wandb
+        except ImportError as e:
+            raise RuntimeError("--logger wandb needs the `wandb` package (pip install wandb)") from e
+        run = wandb.init(project="dapolicy", dir=str(run_dir), config=run_config)
+
+        def wb(record: dict[str, Any]) -> None:
+            prefix = f"{record.get('stage', 'run')}/{record.get('kind', 'train')}"
+            run.log({f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+
+        return wb
+    raise ValueError(f"unknown logger {logger!r}")

@@ -1,0 +1,265 @@
+"""`Trainer`: runs the stages of a policy (for DAP: VAE, dynamics model, policy) into a run folder.
+
+One call may train every stage or a subset; a later stage trained alone starts from the model the earlier
+stages saved in RUN/model. A stage started from scratch always begins from the seeded initial weights, so
+`--stage vae`, then `--stage dynamics`, then `--stage policy` ends where one `--stage all` run ends.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dapolicy.training.batches import StageBatches, frames_of, split_episodes
+from dapolicy.training.checkpoint import load_checkpoint, seed_everything, step_seed
+from dapolicy.training.config import TrainConfig
+from dapolicy.training.latents import cached_latents
+from dapolicy.training.loop import StageResult, StageRunner, StepBudget
+from dapolicy.training.metrics import MetricsLog, plot_losses, read_metrics
+from dapolicy.training.rundir import RunDir
+
+CALIBRATION_FRAMES = 1024
+PolicyFactory = Callable[[Any], Any]  # EnvSpec -> policy
+
+
+class RunFolderError(ValueError):
+    """The run folder's contents do not allow the requested call (missing stages, mismatched config)."""
+
+
+def _say(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"[dap train] {message}")
+
+
+@dataclass
+class TrainRequest:
+    """What one `train` call does. `stages` is the subset to train (in the policy's order)."""
+
+    data_dir: Path
+    run: RunDir
+    method: str
+    config: str
+    stages: tuple[str, ...] | None  # None = all of the policy's stages
+    seed: int
+    resume: bool
+    device: torch.device
+    stop_after: int | None = None
+
+
+class Trainer:
+    """Trains `policy_factory()`'s stages on the episodes in `request.data_dir`."""
+
+    def __init__(self, request: TrainRequest, cfg: TrainConfig, policy_factory: PolicyFactory,
+                 run_config: dict[str, Any]) -> None:
+        self.req, self.cfg, self.factory = request, cfg, policy_factory
+        self.run_config = run_config  # written to RUN/config.json
+        self.run = request.run
+        self._latents: np.ndarray | None = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _load_data(self) -> tuple[Any, Any]:
+        from dapolicy.data.store import EpisodeStore
+
+        store = EpisodeStore.open(self.req.data_dir)
+        if len(store) == 0:
+            raise ValueError(f"the episode store at {store.path} is empty: run `dap collect` first")
+        data = store.load()  # every episode, in store order: episode i of `data` is store episode i
+        return store, data
+
+    def _build_policy(self, state: dict[str, Any], data: Any, store: Any) -> tuple[Any, Any]:
+        """(policy to train, freshly initialised policy whose stage modules seed stages started from scratch)."""
+        seed_everything(self.req.seed)
+        init = self.factory(store.spec)
+        if state["stages_done"]:
+            self.run.recover_model()
+            if not self.run.has_model():
+                raise RunFolderError(f"{self.run.state_file} lists finished stages but {self.run.model} is missing")
+            policy = type(init).from_pretrained(self.run.model)
+        else:
+            policy = init
+            sources, success_only = policy.stage_data("policy" if "policy" in policy.stages else policy.stages[-1])
+            ids = np.asarray(store.select(sources, success_only), dtype=np.int64)
+            if len(ids) == 0:
+                raise ValueError(f"no episodes match {sources or 'any source'}"
+                                 f"{' (successful only)' if success_only else ''} to fit the normaliser")
+            frames = frames_of(data.episode_ends, ids)
+            policy.fit_normalizer(SimpleNamespace(action=data.action[frames], proprio=data.proprio[frames]))
+        return policy.to(self.req.device), init
+
+    # ------------------------------------------------------------------------------------------ batches
+    def _stage_batches(self, policy: Any, stage: str, data: Any, store: Any) -> StageBatches:
+        from dapolicy.data.sampler import WindowSampler
+
+        sources, success_only = policy.stage_data(stage)
+        episodes = np.asarray(store.select(sources, success_only), dtype=np.int64)
+        if len(episodes) == 0:
+            raise ValueError(f"stage {stage!r}: no episodes of source {sources or 'any'}"
+                             f"{' (successful only)' if success_only else ''} in {store.path}")
+        train_eps, val_eps = split_episodes(data.meta, episodes, self.cfg.val_fraction)
+        ends = data.episode_ends
+        if stage == "vae":
+            images = data.images
+
+            def make(ids: np.ndarray) -> dict[str, np.ndarray]:
+                return {"images": images[ids]}
+        else:
+            cfg = policy.config
+            sampler = WindowSampler(ends, n_obs=cfg.n_obs_steps, horizon=cfg.horizon,
+                                    next_obs_offset=cfg.next_offset)
+            arrays = {"proprio": data.proprio, "action": data.action}
+            if _needs_latents(policy, stage):
+                arrays["latents"] = self._get_latents(policy, data)
+            if policy.needs_images(stage):
+                arrays["images"] = data.images
+
+            def make(ids: np.ndarray) -> dict[str, np.ndarray]:
+                return sampler.gather(arrays, ids)
+        return StageBatches(make=make, train_ids=frames_of(ends, train_eps), val_ids=frames_of(ends, val_eps),
+                            batch_size=self.cfg.batch_size, seed=self.req.seed, stage=stage,
+                            device=self.req.device)
+
+    def _get_latents(self, policy: Any, data: Any) -> np.ndarray:
+        if self._latents is None:
+            t0 = time.perf_counter()
+            self._latents = cached_latents(policy, data.images, data.episode_ends, self.run.cache,
+                                           batch=self.cfg.latent_batch, progress=self.cfg.progress)
+            _say(f"latents of {len(self._latents)} frames ready ({time.perf_counter() - t0:.1f}s), "
+                 f"shape {tuple(self._latents.shape[1:])}, cached in {self.run.cache}")
+        return self._latents
+
+    # ------------------------------------------------------------------------------------------ run
+    def run_all(self) -> Path:
+        from dapolicy.configuration import to_dict, write_json_atomic
+
+        store, data = self._load_data()
+        state = self.run.read_state()
+        policy, init = self._build_policy(state, data, store)
+        selected = self._selected_stages(policy, state)
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        policy_cfg = getattr(policy, "config", None)
+        write_json_atomic(self.run.config, {**self.run_config, "stages": list(policy.stages),
+                                            "policy": to_dict(policy_cfg) if policy_cfg is not None else None,
+                                            "spec": store.spec.to_dict(), "num_episodes": len(store),
+                                            "num_frames": int(store.num_frames)})
+        log = MetricsLog(self.run.metrics, logger=self.cfg.logger, run_dir=self.run.root, run_config=self.run_config)
+        budget = StepBudget(self.req.stop_after)
+        for stage in selected:
+            if self.req.resume and stage in state["stages_done"]:
+                _say(f"stage {stage!r} already finished in {self.run.root}; skipping")
+                continue
+            result = self._run_stage(policy, init, stage, data, store, log, budget)
+            if not result.completed:
+                _say(f"stopped in stage {stage!r} at step {result.step}/{result.total}; "
+                     f"continue with --resume (checkpoint {self.run.last})")
+                return self.run.root
+            self._finish_stage(policy, stage, result, data, store, log, state)
+        return self.run.root
+
+    def _selected_stages(self, policy: Any, state: dict[str, Any]) -> tuple[str, ...]:
+        stages = tuple(policy.stages)
+        if self.req.stages is None:
+            return stages
+        unknown = [s for s in self.req.stages if s not in stages]
+        if unknown:
+            raise ValueError(f"stage(s) {unknown} are not stages of this policy ({', '.join(stages)})")
+        selected = tuple(s for s in stages if s in self.req.stages)
+        earlier = stages[: stages.index(selected[0])]
+        missing = [s for s in earlier if s not in state["stages_done"]]
+        if missing:
+            raise RunFolderError(
+                f"stage {selected[0]!r} needs the earlier stage(s) {missing} trained in {self.run.root} first "
+                f"(run `dap train --stage {missing[0]}` or `--stage all` with the same --out)")
+        return selected
+
+    def _run_stage(self, policy: Any, init: Any, stage: str, data: Any, store: Any, log: MetricsLog,
+                   budget: StepBudget) -> StageResult:
+        ckpt = None
+        if self.req.resume and self.run.last.exists():
+            candidate = load_checkpoint(self.run.last, map_location=self.req.device)
+            if candidate.get("stage") == stage:
+                ckpt = candidate
+        if ckpt is None:  # from scratch: the seeded initial weights, whatever an earlier call left
+            policy.stage_module(stage).load_state_dict(init.stage_module(stage).state_dict())
+            if self.run.best.exists():
+                self.run.best.unlink()
+        batches = self._stage_batches(policy, stage, data, store)
+        runner = StageRunner(policy, stage, batches, self.cfg, self.run, log, self.req.seed, self.req.device,
+                             extra_state={"method": self.req.method, "config": self.req.config})
+        if ckpt is not None:
+            if int(ckpt["total_steps"]) != runner.total:
+                _say(f"warning: stage {stage!r} checkpoint was made for {ckpt['total_steps']} steps, now "
+                     f"{runner.total}: the learning-rate schedule changes, the result will differ from an "
+                     f"uninterrupted run")
+            runner.load(ckpt)
+            log.truncate_after(tuple(policy.stages), stage, runner.step)
+            _say(f"resuming stage {stage!r} at step {runner.step}/{runner.total}")
+        else:
+            log.truncate_after(tuple(policy.stages), stage, 0)
+        n_train, n_val = len(batches.train_ids), len(batches.val_ids)
+        _say(f"stage {stage!r}: {runner.total} steps, batch {self.cfg.batch_size}, {n_train} train / {n_val} "
+             f"validation frames, {sum(p.numel() for p in runner.params):,} parameters, device "
+             f"{self.req.device}")
+        result = runner.train(budget)
+        if result.completed:
+            runner.finalize_weights()
+        return result
+
+    def _finish_stage(self, policy: Any, stage: str, result: StageResult, data: Any, store: Any,
+                      log: MetricsLog, state: dict[str, Any]) -> None:
+        if stage == "vae":
+            sources, success_only = policy.stage_data("vae")
+            frames = frames_of(data.episode_ends, np.asarray(store.select(sources, success_only), np.int64))
+            rng = np.random.default_rng(step_seed(self.req.seed, "calibrate", 0))
+            pick = np.sort(rng.choice(frames, size=min(CALIBRATION_FRAMES, len(frames)), replace=False))
+            scale = policy.calibrate_latent_scale(data.images[pick])
+            _say(f"latent scale calibrated on {len(pick)} frames: {scale:.4g}")
+            self._latents = None  # the VAE changed
+        _save_model(policy, self.run.model)
+        summary = result.summary()
+        log.write({"kind": "stage_end", "stage": stage, "step": result.step, **summary})
+        plot_losses(read_metrics(self.run.metrics), stage, self.run.plots / f"loss_{stage}.png")
+        state["stages_done"] = [s for s in state["stages_done"] if s != stage] + [stage]
+        state.setdefault("summaries", {})[stage] = summary
+        self.run.write_state(state)
+        best = (f", best val {result.best_val:.4g} @ {result.best_step}" if summary["best_val"] is not None else "")
+        _say(f"stage {stage!r} done: {result.step} steps in {result.seconds:.1f}s, "
+             f"{result.samples_per_s:.1f} samples/s, last loss {result.last_loss:.4g}{best}; "
+             f"model saved to {self.run.model}")
+
+
+def _needs_latents(policy: Any, stage: str) -> bool:
+    if hasattr(policy, "needs_latents"):
+        return bool(policy.needs_latents(stage))
+    return stage != "vae" and "vae" in policy.stages
+
+
+def _save_model(policy: Any, directory: Path) -> None:
+    """`save_pretrained` into a sibling folder, then swap it in, so RUN/model is never half old, half new."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    old = directory.with_name(f".{directory.name}.old")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    policy.save_pretrained(tmp)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "threads": torch.get_num_threads(),
+            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
