@@ -95,6 +95,20 @@ def test_validation_split_defaults_to_last_experts(run_dir):
     assert ids == experts[:2]
 
 
+def test_validation_split_matches_the_trainer(run_dir):
+    """A `dap train` run records train.val_fraction: diagnose must hold out exactly the trainer's episodes."""
+    from dapolicy.training.batches import split_episodes
+
+    run, store = run_dir
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"] = {"val_fraction": 0.3}
+    (run / "config.json").write_text(json.dumps(cfg))
+    experts = np.asarray(store.select(sources=("expert",), success_only=True))
+    _, expected = split_episodes(store.meta, experts, 0.3)
+    _, ids, _ = dg.validation_episodes(run)
+    assert ids == expected.tolist() and len(ids) == 3
+
+
 def test_diagnose_curves_and_files(run_dir):
     run, _ = run_dir
     policy = TraceDouble()
@@ -121,9 +135,7 @@ def test_demo_actions_are_normalised(run_dir):
     policy = TraceDouble()
     res = dg.diagnose(run, windows=1, policy=policy, progress=False, out_dir=run / "d1")
     data, _, _ = dg.validation_episodes(run)
-    t = 0  # the only val episode is short enough that one window is frame 0 after seeded choice? compute it
-    ids = dg.choose_windows(data.num_frames, 1, 0)
-    t = int(ids[0])
+    t = int(dg.choose_windows(data.num_frames, 1, 0)[0])  # the window diagnose chose (seed 0)
     end = int(data.episode_ends[0])
     steps = [min(t + h, end - 1) for h in range(4)]
     valid = np.array([t + h < end for h in range(4)])
@@ -149,7 +161,22 @@ def test_cli(run_dir, monkeypatch, capsys):
     from dapolicy.cli import main
 
     run, _ = run_dir
-    monkeypatch.setattr(dg, "load_policy", lambda path: TraceDouble())
+    monkeypatch.setattr(dg, "load_policy", lambda path, device=None: TraceDouble())
     assert main(["diagnose", str(run), "--windows", "4", "--out", str(run / "cli")]) == 0
     assert (run / "cli" / "diagnose.json").is_file()
     assert "PSNR" in capsys.readouterr().out
+
+
+def test_untrained_tiny_dap_policy(run_dir):
+    """The real DAPPolicy: trace layout, latent decoding and the normaliser as the contract gives them."""
+    from dapolicy.policies import DAPPolicy, get_config
+
+    run, _ = run_dir
+    torch.manual_seed(0)
+    DAPPolicy(get_config("tiny"), SPEC).save_pretrained(run / "model")
+    res = dg.diagnose(run / "model", windows=3, progress=False)  # a model folder inside a run also works
+    k = get_config("tiny").flow.steps
+    assert len(res["tau"]) == k and set(res["psnr_vs_real"]) == set(SPEC.cameras)
+    assert res["action_mse_vs_final"][-1] == pytest.approx(0.0, abs=1e-10)
+    assert all(v == dg.PSNR_CAP_DB for v in (c[-1] for c in res["psnr_vs_final"].values()))
+    assert (run / "diagnose" / "strip.png").is_file()

@@ -252,9 +252,42 @@ def test_cli(tmp_path, monkeypatch, capsys):
     policy, factory, _ = line_setup()
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)
-    monkeypatch.setattr(ev, "load_policy", lambda path: policy)
+    monkeypatch.setattr(ev, "load_policy", lambda path, device=None: policy)
     monkeypatch.setattr(ev, "make_env", factory)
     assert main(["eval", str(run), "--episodes", "2", "--videos", "0", "--max-steps", "4", "--ood",
                  "light"]) == 0
     assert (run / "eval" / "light.json").is_file()
     assert "light" in capsys.readouterr().out
+
+
+def test_untrained_tiny_dap_policy_from_run_folder(tmp_path, real_spec):
+    """The real DAPPolicy through `from_pretrained`: loading, predicted frames in the video, modes."""
+    from dapolicy.policies import DAPPolicy, get_config
+
+    torch.manual_seed(0)
+    DAPPolicy(get_config("tiny"), real_spec).save_pretrained(tmp_path / "run" / "model")
+    res = ev.evaluate(tmp_path / "run", episodes=2, videos=1, max_steps=5, progress=False)
+    assert (tmp_path / "run" / "eval" / "none.json").is_file() and res["method"] == "dap"
+    assert res["settings"]["model_dir"] == str(tmp_path / "run" / "model")
+    assert res["latency_ms"]["n"] >= 1 and not res["latency_includes_decode"]
+    with Image.open(res["videos"][0]) as gif:
+        assert gif.size[1] > 2 * 192  # second row: the predicted next frame
+    off = ev.evaluate(tmp_path / "run" / "model", episodes=1, videos=1, max_steps=3, mode="off", flow_steps=2,
+                      progress=False)
+    assert off["name"] == "none_off_k2" and (tmp_path / "run" / "eval" / "none_off_k2.json").is_file()
+    with Image.open(off["videos"][0]) as gif:
+        assert gif.size[1] < 2 * 192  # no prediction without the dynamics model
+
+
+def test_video_helpers(tmp_path):
+    from dapolicy import video
+
+    real = [np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8)]
+    one_row = video.compose_frame(real, size=64)
+    two_rows = video.compose_frame(real, [real[1], real[0]], size=64)
+    assert one_row.shape[1] == two_rows.shape[1] == 2 * 64 + 2 and two_rows.shape[0] > 2 * 64
+    assert video.upscale(real[0], 64).shape == (64, 64, 3)
+    path = video.write_video([one_row] * 3, tmp_path / "v.mp4")
+    assert path.exists() and path.suffix == (".mp4" if video.has_ffmpeg() else ".gif")
+    with pytest.raises(ValueError):
+        video.write_video([], tmp_path / "empty.gif")

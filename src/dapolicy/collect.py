@@ -17,7 +17,9 @@ Output: DIR/episodes.zarr (the store; `EpisodeStore.open(DIR)` finds it) and DIR
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +30,7 @@ import numpy as np
 
 from dapolicy.data.store import (COLLECT_STORE_NAME, SOURCES, Episode, EpisodeStore, StoreError,
                                  write_json_atomic)
-from dapolicy.envs.base import Env, EnvSpec
+from dapolicy.envs.base import Env, EnvSpec, make_env
 
 RANDOM_SEED_OFFSET = 1_000_000
 SUMMARY_FILE = "summary.json"
@@ -76,8 +78,8 @@ class CollectConfig:
     random_length: int | None = None
     steps_after_success: int = 5
     random_mode: str = "auto"
-    ou_theta: float = 0.15
-    ou_sigma: float = 0.3
+    ou_theta: float = 0.1
+    ou_sigma: float = 0.2
     walk_step: float = 0.04
     walk_momentum: float = 0.85
     walk_radius: float = 0.3
@@ -289,19 +291,23 @@ def summarize(store: EpisodeStore, cfg: CollectConfig, complete: bool, seconds: 
     }
 
 
-def _open_or_create(cfg: CollectConfig, spec: EnvSpec) -> EpisodeStore:
+def _check_out_dir(cfg: CollectConfig) -> None:
     out = Path(cfg.out)
-    store_path = out / COLLECT_STORE_NAME
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not cfg.resume:
         raise FileExistsError(f"{out} exists and is not empty; pass --resume to continue that collection "
                               f"or choose another --out")
+
+
+def _open_or_create(cfg: CollectConfig, spec: EnvSpec) -> EpisodeStore:
+    out = Path(cfg.out)
+    store_path = out / COLLECT_STORE_NAME
     if (store_path / "index.json").exists():
         store = EpisodeStore.open(store_path, spec=spec)
         _check_resume_settings(out, cfg)
         return store
     if store_path.exists():  # creation itself was interrupted: nothing was published yet
-        import shutil
-
         shutil.rmtree(store_path)
     out.mkdir(parents=True, exist_ok=True)
     return EpisodeStore.create(store_path, spec)
@@ -309,8 +315,6 @@ def _open_or_create(cfg: CollectConfig, spec: EnvSpec) -> EpisodeStore:
 
 def _check_resume_settings(out: Path, cfg: CollectConfig) -> None:
     """A resumed run must use the seeds and env of the original one, or episodes would be mixed up."""
-    import json
-
     summary_path = out / SUMMARY_FILE
     if not summary_path.exists():
         return
@@ -330,8 +334,7 @@ def collect_with_config(cfg: CollectConfig, progress: bool = True,
     """
     from tqdm import tqdm
 
-    from dapolicy.envs.base import make_env
-
+    _check_out_dir(cfg)
     env = make_env(cfg.env, image_size=cfg.image_size, cameras=cfg.cameras, **(env_kwargs or {}))
     start = time.perf_counter()
     store: EpisodeStore | None = None

@@ -9,8 +9,9 @@ measure them on held-out expert windows:
 * actions: MSE of A_hat(tau) vs (a) the final chunk and (b) the demonstrated chunk, in the policy's
   normalised [-1, 1] units (padded steps past the episode end excluded).
 
-Validation windows come from the run's data (RUN/config.json): its `val_episodes` (store indices) if the
-trainer recorded them, else the last 10% of the expert episodes. Writes RUN/diagnose/diagnose.json, a plot
+Validation windows come from the run's data (RUN/config.json): its `val_episodes` (store indices) if
+recorded, else the expert episodes `dap train` held out of the policy stage (recomputed from its
+`train.val_fraction`), else the last 10% of the expert episodes. Writes RUN/diagnose/diagnose.json, a plot
 (diagnose.png) and an image strip of decoded Z_hat(tau) next to the real next frame (strip.png).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,33 @@ def _find_val_episodes(config: dict[str, Any]) -> list[int] | None:
     return None
 
 
+def _run_config_path(path: Path) -> Path:
+    """RUN/config.json for a run folder, or for a model folder inside one (RUN/model -> RUN/config.json)."""
+    if (path / "model.safetensors").exists():  # a model folder: its config.json describes the model only
+        return path.parent / "config.json"
+    return path / "config.json"
+
+
+def held_out_experts(store: Any, config: dict[str, Any]) -> list[int]:
+    """The expert episodes the trainer held out of the policy stage (store indices).
+
+    A run trained by `dap train` records its `train.val_fraction`; the trainer's split is a hash of each
+    episode's (source, seed), so we recompute exactly the same held-out set. Without it (other trainers),
+    the last VAL_FRACTION of the successful expert episodes.
+    """
+    experts = store.select(sources=("expert",), success_only=True)
+    train_cfg = config.get("train") if isinstance(config.get("train"), dict) else {}
+    fraction = train_cfg.get("val_fraction")
+    if fraction:
+        from dapolicy.training.batches import split_episodes
+
+        _, val = split_episodes(store.meta, np.asarray(experts, dtype=np.int64), float(fraction))
+        if len(val):
+            return [int(v) for v in val]
+    n_val = max(1, int(round(VAL_FRACTION * len(experts))))
+    return experts[-n_val:]
+
+
 def validation_episodes(run_dir: str | Path, data_path: str | Path | None = None,
                         max_episodes: int | None = None) -> tuple[Any, list[int], str]:
     """Load the held-out expert episodes of a run -> (EpisodeData, their store indices, data path).
@@ -62,10 +91,8 @@ def validation_episodes(run_dir: str | Path, data_path: str | Path | None = None
     """
     from dapolicy.data.store import EpisodeStore
 
-    config: dict[str, Any] = {}
-    cfg_path = Path(run_dir) / "config.json"
-    if cfg_path.is_file() and not (Path(run_dir) / "model.safetensors").exists():
-        config = json.loads(cfg_path.read_text())
+    cfg_path = _run_config_path(Path(run_dir))
+    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     path = data_path or _find_data_path(config)
     if path is None:
         raise ValueError(f"cannot tell which data {run_dir} was trained on: no data path in {cfg_path}; "
@@ -75,9 +102,7 @@ def validation_episodes(run_dir: str | Path, data_path: str | Path | None = None
     store = EpisodeStore.open(path)
     val = _find_val_episodes(config)
     if val is None:
-        experts = store.select(sources=("expert",), success_only=True)
-        n_val = max(1, int(round(VAL_FRACTION * len(experts))))
-        val = experts[-n_val:]
+        val = held_out_experts(store, config)
     if max_episodes is not None:
         val = val[:max_episodes]
     data = store.load(sources=("expert",), episodes=val)
@@ -119,7 +144,7 @@ def _masked_mse(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
 def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32, out_dir: str | Path | None = None,
              data_path: str | Path | None = None, mode: str | None = None, flow_steps: int | None = None,
              batch_size: int = 16, strip_windows: int = 3, seed: int = 0, policy: Any = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, device: str | None = "cpu") -> dict[str, Any]:
     """Compute the Fig. 2 curves on validation windows and write diagnose.json, diagnose.png, strip.png.
 
     episodes: use at most this many validation episodes; windows: number of (seeded) windows.
@@ -132,7 +157,7 @@ def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32
     from dapolicy.data.sampler import WindowSampler
 
     if policy is None:
-        policy = load_policy(run_dir)
+        policy = load_policy(run_dir, device)
     out = Path(out_dir) if out_dir is not None else default_output_dir(run_dir, "diagnose")
     data, val_ids, path = validation_episodes(run_dir, data_path, episodes)
     dims = ChunkDims.of(policy)
@@ -180,7 +205,7 @@ def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32
         "val_episodes": val_ids,
         "data": path,
         "settings": {"mode": mode or getattr(policy_config(policy), "coupling", None),
-                     "flow_steps": flow_steps or len(taus), "seed": seed, **dims.__dict__},
+                     "flow_steps": flow_steps or len(taus), "seed": seed, **asdict(dims)},
         "action_mse_vs_final": np.concatenate(mse_final, axis=1).mean(axis=1).tolist(),
         "action_mse_vs_demo": np.concatenate(mse_demo, axis=1).mean(axis=1).tolist(),
         "final_action_mse_vs_demo": float(np.concatenate(final_mse_demo).mean()),
@@ -220,17 +245,24 @@ def plot_curves(result: dict[str, Any], path: Path) -> Path:
         for i, cam in enumerate(result["psnr_vs_real"]):
             color = f"C{i}"
             ax.plot(tau, result["psnr_vs_real"][cam], "o-", color=color, label=f"{cam}: vs real next frame")
-            ax.plot(tau, result["psnr_vs_final"][cam], "s--", color=color, alpha=0.6, label=f"{cam}: vs final")
+            # Points at the cap are identical images (the last step *is* the final prediction): not drawn.
+            vs_final = np.where(np.asarray(result["psnr_vs_final"][cam]) >= PSNR_CAP_DB, np.nan,
+                                result["psnr_vs_final"][cam])
+            ax.plot(tau, vs_final, "s--", color=color, alpha=0.6, label=f"{cam}: vs final")
             ax.axhline(result["final_psnr_vs_real"][cam], color=color, ls=":", label=f"{cam}: final vs real")
         ax.set_xlabel("flow time tau")
         ax.set_ylabel("PSNR of decoded Z_hat(tau) [dB]")
         ax.set_title("extrapolated next frame")
         ax.legend(fontsize=7)
     ax = axes[-1]
-    ax.plot(tau, result["action_mse_vs_demo"], "o-", label="vs demonstrated chunk")
-    ax.plot(tau, result["action_mse_vs_final"], "s--", label="vs final chunk")
+    # Log scale; exact zeros (the last extrapolation equals the final chunk) cannot be drawn and are skipped.
+    def positive(values: list[float]) -> np.ndarray:
+        return np.where(np.asarray(values) > 0, values, np.nan)
+
+    ax.plot(tau, positive(result["action_mse_vs_demo"]), "o-", label="vs demonstrated chunk")
+    ax.plot(tau, positive(result["action_mse_vs_final"]), "s--", label="vs final chunk")
     ax.axhline(result["final_action_mse_vs_demo"], color="k", ls=":", label="final vs demonstrated")
-    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_yscale("log")
     ax.set_xlabel("flow time tau")
     ax.set_ylabel("MSE of A_hat(tau) (normalised units)")
     ax.set_title("extrapolated action chunk")
@@ -282,11 +314,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="coupling mode (default: the model's)")
     parser.add_argument("--flow-steps", type=int, default=None, help="flow steps K (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the window choice and the sampling noise")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (a GPU if visible)")
 
 
 def run(args: argparse.Namespace) -> int:
     result = diagnose(args.run, episodes=args.episodes, windows=args.windows, out_dir=args.out,
-                      data_path=args.data, mode=args.mode, flow_steps=args.flow_steps, seed=args.seed)
+                      data_path=args.data, mode=args.mode, flow_steps=args.flow_steps, seed=args.seed,
+                      device=args.device)
     print(f"tau:                     {' '.join(f'{t:6.2f}' for t in result['tau'])}")
     for cam, curve in result.get("psnr_vs_real", {}).items():
         print(f"PSNR {cam[:12]:>12} vs real: {' '.join(f'{v:6.2f}' for v in curve)}")

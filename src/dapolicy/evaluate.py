@@ -59,8 +59,17 @@ def default_output_dir(path: str | Path, subdir: str) -> Path:
     return path.parent / subdir
 
 
-def load_policy(path: str | Path) -> Any:
-    """Load the saved policy of a run (or model folder) in eval mode.
+def resolve_device(device: str | None) -> str:
+    """'auto' (or None) -> 'cuda' when a GPU is visible, else 'cpu'; anything else is passed through."""
+    if device in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_policy(path: str | Path, device: str | None = "cpu") -> Any:
+    """Load the saved policy of a run (or model folder) in eval mode, on `device` ('auto' picks a GPU).
 
     Uses `dapolicy.policies.load_pretrained` when the package offers a class-dispatching loader (baselines
     are other classes), else `DAPPolicy.from_pretrained`.
@@ -70,6 +79,8 @@ def load_policy(path: str | Path) -> Any:
     model_dir = resolve_model_dir(path)
     loader = getattr(policies, "load_pretrained", None)
     policy = loader(model_dir) if loader is not None else policies.DAPPolicy.from_pretrained(model_dir)
+    if hasattr(policy, "to"):
+        policy = policy.to(resolve_device(device))
     if hasattr(policy, "eval"):
         policy.eval()
     return policy
@@ -258,15 +269,24 @@ def _episode_frame(obs: dict[str, Any], cameras: Sequence[str], predicted: np.nd
         # Before the first prediction exists, a black row keeps every frame the same size.
         pred = list(predicted) if predicted is not None else [np.zeros_like(r) for r in real]
     return compose_frame(real, pred, real_label=f"real t={step}",
-                         predicted_label=f"predicted o(t+{offset}) at last re-plan")
+                         predicted_label=f"predicted o(t+{offset})")
+
+
+@dataclass
+class Rollouts:
+    """What `run_episodes` measured: per-episode records, per-chunk latency, written videos."""
+
+    episodes: list[dict[str, Any]]
+    latency_ms: dict[str, Any]
+    latency_includes_decode: bool
+    videos: list[str]
 
 
 def run_episodes(policy: Any, env: Env, spec: EnvSpec, episodes: int, seed: int, max_steps: int,
                  mode: str | None = None, steps: int | None = None, videos: int = 0,
                  video_dir: Path | None = None, video_prefix: str = "episode",
-                 progress: bool = True, desc: str = "eval") -> tuple[list[dict[str, Any]], dict[str, Any], bool, list[str]]:
-    """Roll out `episodes` seeded episodes. Returns (per-episode records, latency summary,
-    latency includes decoding, video paths)."""
+                 progress: bool = True, desc: str = "eval") -> Rollouts:
+    """Roll out `episodes` seeded episodes (env seed `seed + i`), writing videos of the first `videos`."""
     import torch
     from tqdm.auto import tqdm
 
@@ -310,13 +330,14 @@ def run_episodes(policy: Any, env: Env, spec: EnvSpec, episodes: int, seed: int,
         records.append({"episode": i, "seed": ep_seed, "success": success, "steps": n_steps, "score": score})
         bar.set_postfix(success=f"{n_success}/{i + 1}")
     latency, includes_decode = controller.latency_report()
-    return records, latency, includes_decode, video_paths
+    return Rollouts(records, latency, includes_decode, video_paths)
 
 
 def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: int = DEFAULT_SEED,
              env: str | None = None, videos: int = 3, mode: str | None = None, flow_steps: int | None = None,
              max_steps: int | None = None, out_dir: str | Path | None = None, name: str | None = None,
-             policy: Any = None, env_factory: EnvFactory | None = None, progress: bool = True) -> dict[str, Any]:
+             policy: Any = None, env_factory: EnvFactory | None = None, progress: bool = True,
+             device: str | None = "cpu") -> dict[str, Any]:
     """Evaluate the policy of `run_dir` (a run folder or a model folder) and write `<out_dir>/<name>.json`.
 
     ood: none | light | distractor | novel_object | all (all: every suite, plus summary.json / summary.md;
@@ -325,6 +346,7 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
     mode / flow_steps: coupling mode and number of flow steps K; None = the policy's defaults.
     max_steps: episode length limit; default the task's `spec.max_steps`.
     policy: an already loaded policy (skips loading); env_factory: replaces `make_env` (tests).
+    device: where a loaded policy runs ("cpu", "cuda", "auto").
     """
     ood = normalize_ood(ood)
     env_factory = env_factory or make_env
@@ -334,7 +356,7 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     out = Path(out_dir) if out_dir is not None else default_output_dir(run_dir, "eval")
     if policy is None:
-        policy = load_policy(run_dir)
+        policy = load_policy(run_dir, device)
     if ood == "all":
         return _evaluate_all(run_dir, episodes, seed, env, videos, mode, flow_steps, max_steps, out, policy,
                              env_factory, progress)
@@ -350,13 +372,14 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
         _check_env(environment.spec, spec)
         limit = max_steps if max_steps is not None else environment.spec.max_steps
         start = time.perf_counter()
-        records, latency, includes_decode, video_paths = run_episodes(
+        rollouts = run_episodes(
             policy, environment, spec, episodes, seed, limit, mode=mode, steps=flow_steps, videos=videos,
             video_dir=out / "videos", video_prefix=name, progress=progress, desc=f"eval {name}")
         wall = time.perf_counter() - start
     finally:
         environment.close()
 
+    records = rollouts.episodes
     n_success = sum(r["success"] for r in records)
     cfg = policy_config(policy)
     dims = ChunkDims.of(policy)
@@ -372,21 +395,28 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
         "ci95": list(wilson_interval(n_success, len(records))),
         "mean_score": float(np.mean([r["score"] for r in records])),
         "mean_steps": float(np.mean([r["steps"] for r in records])),
-        "latency_ms": latency,
-        "latency_includes_decode": includes_decode,
+        "latency_ms": rollouts.latency_ms,
+        "latency_includes_decode": rollouts.latency_includes_decode,
         "settings": {
             "seed": seed, "episode_seeds": [seed, seed + episodes - 1], "max_steps": limit,
             "mode": mode or getattr(cfg, "coupling", None),
             "flow_steps": flow_steps or getattr(flow_cfg, "steps", None),
             "videos": videos, **asdict(dims), "image_size": spec.image_size, "cameras": list(spec.cameras),
-            "model_dir": str(_model_dir_or_none(run_dir)),
+            "model_dir": str(_model_dir_or_none(run_dir)), "device": _policy_device(policy),
         },
         "episodes": records,
-        "videos": video_paths,
+        "videos": rollouts.videos,
         "wall_time_s": wall,
     }
     write_json_atomic(out / f"{name}.json", result)
     return result
+
+
+def _policy_device(policy: Any) -> str | None:
+    try:
+        return str(next(iter(policy.parameters())).device)
+    except (AttributeError, StopIteration, TypeError):
+        return None
 
 
 def _model_dir_or_none(path: str | Path) -> Path | None:
@@ -452,12 +482,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the task's)")
     parser.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     parser.add_argument("--name", default=None, help="result file name (default: suite [+ mode, steps])")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (a GPU if visible)")
 
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate(args.run, episodes=args.episodes, ood=args.ood, seed=args.seed, env=args.env,
                       videos=args.videos, mode=args.mode, flow_steps=args.flow_steps, max_steps=args.max_steps,
-                      out_dir=args.out, name=args.name)
+                      out_dir=args.out, name=args.name, device=args.device)
     out = Path(args.out) if args.out else default_output_dir(args.run, "eval")
     if "suites" in result:
         print(format_table(result["summary"]))

@@ -12,11 +12,14 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from dapolicy.envs.perturbations import OOD_KINDS, OODConfig
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 ROWS: tuple[str, ...] = ("none", *OOD_KINDS)
 _LABEL_WIDTH = 96
@@ -45,9 +48,10 @@ def capture(env_name: str, kind: str, seeds: Sequence[int], image_size: int = 64
 
 
 def render_grid(env_name: str, seeds: Sequence[int], image_size: int = 64, cameras: tuple[str, ...] | None = None,
-                scale: int | None = None, steps: int = 0, kinds: Sequence[str] = ROWS) -> "PIL.Image.Image":  # noqa: F821
+                scale: int | None = None, steps: int = 0, kinds: Sequence[str] = ROWS) -> "Image":
     """The labelled grid image (rows = OOD kinds, columns = seed x camera)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
 
     scale = scale or max(1, 128 // image_size)
     cell = image_size * scale
@@ -56,7 +60,7 @@ def render_grid(env_name: str, seeds: Sequence[int], image_size: int = 64, camer
     n_cols = len(seeds) * len(cams)
     width = _LABEL_WIDTH + n_cols * (cell + _GAP)
     height = _HEADER_HEIGHT + len(kinds) * (cell + _GAP)
-    grid = Image.new("RGB", (width, height), (255, 255, 255))
+    grid = PILImage.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for si, seed in enumerate(seeds):
         for ci, cam in enumerate(cams):
@@ -69,7 +73,7 @@ def render_grid(env_name: str, seeds: Sequence[int], image_size: int = 64, camer
         for si, per_cam in enumerate(frames):
             for ci, img in enumerate(per_cam):
                 x = _LABEL_WIDTH + (si * len(cams) + ci) * (cell + _GAP)
-                tile = Image.fromarray(img).resize((cell, cell), Image.NEAREST)
+                tile = PILImage.fromarray(img).resize((cell, cell), PILImage.NEAREST)
                 grid.paste(tile, (x, y))
     return grid
 

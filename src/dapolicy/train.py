@@ -136,8 +136,6 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
         cfg = cfg.with_overrides(steps={**cfg.steps, **step_overrides})
     if lr is not None:
         cfg = cfg.with_overrides(lr={**cfg.lr, **{s: float(lr) for s in chosen}})
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     dev = _resolve_device(device)
     data_path = Path(data_dir).resolve()
     if stored is not None and stored.get("data") not in (None, str(data_path)):
@@ -148,7 +146,13 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
     run_config = {"method": method, "config": config, "seed": seed, "data": str(data_path),
                   "train": cfg.to_dict(), "dapolicy_version": __version__, "environment": environment_info(dev)}
     trainer = Trainer(request, cfg, policy_factory or _default_factory(method, config), run_config)
-    return trainer.run_all()
+    threads_before = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return trainer.run_all()
+    finally:
+        torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -136,11 +136,30 @@ def test_overfits_context_dependent_target():
     tau = torch.tensor(0.3)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
-    for _ in range(120):
+    for _ in range(60):
         cache = net.prepare_context(ctx[:, :2])
         loss = (net(x, tau, static=cache, dynamic_tokens=ctx[:, 2:]) - target).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.02 * losses[0]
+    assert losses[-1] < 0.01 * losses[0]  # typically ~5e-4 after 60 steps
+
+
+def test_fast_cpu_inference_path_matches_training_path():
+    """Under no_grad the convs use an im2col GEMM (and a rearranged transposed-conv weight); same numbers."""
+    cfg = UNet1DConfig(down_dims=(8, 16, 16), kernel_size=5, n_groups=4, tau_embed_dim=8, attn_heads=2)
+    torch.manual_seed(0)
+    net = CrossAttnUNet1D(cfg, A, CTX)
+    x, tau, s, d = inputs()
+    x = torch.randn(2, 16, A)
+    train_path = net(x, tau, static_tokens=s, dynamic_tokens=d)
+    with torch.no_grad():
+        fast = net(x, tau, static_tokens=s, dynamic_tokens=d)
+    torch.testing.assert_close(fast, train_path.detach(), rtol=1e-5, atol=1e-5)
+    # the cached transposed-conv weight follows in-place parameter updates
+    with torch.no_grad():
+        for lvl in net.ups:
+            lvl.up.weight.mul_(-0.5)
+        fast = net(x, tau, static_tokens=s, dynamic_tokens=d)
+    torch.testing.assert_close(fast, net(x, tau, static_tokens=s, dynamic_tokens=d).detach(), rtol=1e-5, atol=1e-5)

@@ -158,7 +158,6 @@ class LatentDynamicsDiT(nn.Module):
         self.action_dim, self.horizon, self.proprio_dim = action_dim, horizon, proprio_dim
         self.grid = (h // p, w // p)
         d = cfg.hidden_dim
-        n_patches = self.grid[0] * self.grid[1]
 
         # Observation tokens: [noisy next ; clean current] patch -> D, plus camera and position embeddings.
         self.patch_embed = nn.Linear(2 * latent_channels * p * p, d)
@@ -216,7 +215,7 @@ class LatentDynamicsDiT(nn.Module):
         """[B, C * N, c * p * p] -> [B, C, c, h, w] (inverse of `patchify` for the c output channels)."""
         b = tokens.shape[0]
         p, (gh, gw), c = self.cfg.patch_size, self.grid, self.latent_channels
-        x = tokens.view(b, self.n_cameras, gh, gw, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+        x = tokens.reshape(b, self.n_cameras, gh, gw, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, self.n_cameras, c, gh * p, gw * p)
 
     def context(
@@ -282,8 +281,7 @@ class LatentDynamicsDiT(nn.Module):
         tau = self._check_inputs(noisy_next, tau, current, action, proprio, drop_action)
         b = noisy_next.shape[0]
         x = self.patch_embed(self.patchify(noisy_next, current))
-        n = self.grid[0] * self.grid[1]
-        x = x + (self.camera_embed + self.pos_embed).reshape(self.n_cameras * n, -1)
+        x = x + (self.camera_embed + self.pos_embed).reshape(-1, x.shape[-1])  # [C * N, D], camera-major
         cond = self.tau_embed(tau.to(x.dtype)).to(x.dtype)
         ctx = self.context(action, proprio, drop_action, b)
         for block in self.blocks:

@@ -1,13 +1,13 @@
 """Which frames each stage trains on, and the batch drawn at every optimizer step.
 
 All frames of the store are loaded once (and their VAE latents cached once); a stage only selects episode
-ids from that global array. Batch indices for step n are a pure function of (seed, stage, n): an epoch-wise
+ids (`EpisodeStore.select`) from that global array. Batch indices for step n are a pure function of (seed, stage, n): an epoch-wise
 shuffle (every training frame once per epoch, Diffusion-Policy style) whose permutation is seeded by the
 epoch number. A resumed run therefore draws exactly the batches the uninterrupted run would have drawn.
 
-The validation split is a property of the dataset, not of the run: an episode is held out when a hash of
-its (source, seed) falls below `val_fraction`, so every seed and every method sees the same held-out
-episodes and their validation losses are comparable.
+The validation split is a property of the dataset, not of the run: the episodes whose (source, seed) hash
+lowest are held out, so every seed and every method sees the same held-out episodes and their validation
+losses are comparable.
 """
 
 from __future__ import annotations
@@ -23,14 +23,6 @@ import torch
 from dapolicy.training.checkpoint import step_seed
 
 
-def select_episodes(meta: Sequence[dict[str, Any]], sources: Sequence[str] | None,
-                    success_only: bool) -> np.ndarray:
-    """Indices of the episodes a stage trains on (the same rule as `EpisodeStore.load`)."""
-    keep = [i for i, m in enumerate(meta)
-            if (sources is None or m.get("source") in sources) and (not success_only or bool(m.get("success")))]
-    return np.asarray(keep, dtype=np.int64)
-
-
 def _episode_score(meta: dict[str, Any], index: int) -> float:
     key = f"{meta.get('source', '?')}:{meta['seed']}" if "seed" in meta else f"#{index}"
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2.0**64
@@ -38,16 +30,15 @@ def _episode_score(meta: dict[str, Any], index: int) -> float:
 
 def split_episodes(meta: Sequence[dict[str, Any]], episodes: np.ndarray,
                    val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) episode ids. At least one validation episode when there are two or more episodes and
-    `val_fraction > 0`; never all of them."""
+    """(train, val) episode ids: the round(val_fraction * E) episodes (at least one, never all) whose
+    (source, seed) hash lowest. Ranking by a hash of the episode's identity, not by a run seed, keeps the
+    held-out set stable across seeds and methods."""
     if val_fraction <= 0 or len(episodes) < 2:
         return episodes, episodes[:0]
+    n_val = min(len(episodes) - 1, max(1, round(val_fraction * len(episodes))))
     scores = np.array([_episode_score(meta[i], int(i)) for i in episodes])
-    is_val = scores < val_fraction
-    if not is_val.any():
-        is_val[np.argmin(scores)] = True
-    if is_val.all():
-        is_val[np.argmax(scores)] = False
+    is_val = np.zeros(len(episodes), dtype=bool)
+    is_val[np.argsort(scores, kind="stable")[:n_val]] = True
     return episodes[~is_val], episodes[is_val]
 
 

@@ -89,13 +89,17 @@ def plot_losses(records: list[dict[str, Any]], stage: str, out_path: Path) -> No
         ax.plot(*zip(*val), "o-", label="validation (EMA)")
     values = [v for _, v in train + val]
     if values and min(values) > 0:
-        ax.set_yscale("log")
+        from matplotlib.ticker import LogFormatter
+
+        ax.set_yscale("log")  # plain-text tick labels: mathtext layout costs seconds per figure on a busy CPU
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(f"stage: {stage}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.92)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=100)

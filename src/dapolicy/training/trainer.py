@@ -157,6 +157,9 @@ class Trainer:
             if self.req.resume and stage in state["stages_done"]:
                 _say(f"stage {stage!r} already finished in {self.run.root}; skipping")
                 continue
+            if budget.exhausted():
+                _say(f"stopped before stage {stage!r}; continue with --resume")
+                return self.run.root
             result = self._run_stage(policy, init, stage, data, store, log, budget)
             if not result.completed:
                 _say(f"stopped in stage {stage!r} at step {result.step}/{result.total}; "
@@ -228,7 +231,12 @@ class Trainer:
         summary = result.summary()
         log.write({"kind": "stage_end", "stage": stage, "step": result.step, **summary})
         plot_losses(read_metrics(self.run.metrics), stage, self.run.plots / f"loss_{stage}.png")
-        state["stages_done"] = [s for s in state["stages_done"] if s != stage] + [stage]
+        order = tuple(policy.stages)
+        later = [s for s in state["stages_done"] if order.index(s) > order.index(stage)]
+        if later:  # they were trained against the old version of this stage
+            _say(f"note: stage(s) {later} were trained on the previous {stage!r} weights and are marked "
+                 f"unfinished; retrain them (e.g. --resume)")
+        state["stages_done"] = [s for s in state["stages_done"] if order.index(s) < order.index(stage)] + [stage]
         state.setdefault("summaries", {})[stage] = summary
         self.run.write_state(state)
         best = (f", best val {result.best_val:.4g} @ {result.best_step}" if summary["best_val"] is not None else "")
@@ -261,5 +269,4 @@ def _save_model(policy: Any, directory: Path) -> None:
 
 def environment_info(device: torch.device) -> dict[str, Any]:
     return {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "threads": torch.get_num_threads(),
             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}

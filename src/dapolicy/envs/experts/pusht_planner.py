@@ -165,21 +165,31 @@ def outline_point(s: float) -> tuple[np.ndarray, np.ndarray]:
     return EDGE_START[i] + EDGE_DIR[i] * (s - EDGE_CUM[i]), EDGE_NORMAL[i]
 
 
-def _segment_distance(p: np.ndarray, q: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest distance between segments pq and ab (0 if they cross)."""
-    def point_seg(x, s0, s1):
-        d = s1 - s0
-        t = np.clip(np.dot(x - s0, d) / max(np.dot(d, d), 1e-12), 0.0, 1.0)
-        return float(np.linalg.norm(x - (s0 + t * d)))
+def _point_segment_distances(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distances from points x [N,2] to segments a-b [N,2] (broadcasting)."""
+    d = b - a
+    t = np.clip(np.sum((x - a) * d, axis=-1) / np.maximum(np.sum(d * d, axis=-1), 1e-12), 0.0, 1.0)
+    return np.linalg.norm(x - (a + t[..., None] * d), axis=-1)
 
-    def cross(o, u, v):
-        return (u[0] - o[0]) * (v[1] - o[1]) - (u[1] - o[1]) * (v[0] - o[0])
 
-    d1, d2 = cross(a, b, p), cross(a, b, q)
-    d3, d4 = cross(p, q, a), cross(p, q, b)
-    if d1 * d2 < 0 and d3 * d4 < 0:
+def _cross(o: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return (u[..., 0] - o[..., 0]) * (v[..., 1] - o[..., 1]) - (u[..., 1] - o[..., 1]) * (v[..., 0] - o[..., 0])
+
+
+_EDGE_A, _EDGE_B = T_OUTLINE, np.roll(T_OUTLINE, -1, axis=0)
+
+
+def outline_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Smallest distance between segment pq (local frame) and the T outline (0 if they cross)."""
+    p_, q_ = np.broadcast_to(p, _EDGE_A.shape), np.broadcast_to(q, _EDGE_A.shape)
+    crossing = (_cross(_EDGE_A, _EDGE_B, p_) * _cross(_EDGE_A, _EDGE_B, q_) < 0) & \
+               (_cross(p_, q_, _EDGE_A) * _cross(p_, q_, _EDGE_B) < 0)
+    if crossing.any():
         return 0.0
-    return min(point_seg(p, a, b), point_seg(q, a, b), point_seg(a, p, q), point_seg(b, p, q))
+    return float(min(_point_segment_distances(p_, _EDGE_A, _EDGE_B).min(),
+                     _point_segment_distances(q_, _EDGE_A, _EDGE_B).min(),
+                     _point_segment_distances(_EDGE_A, p_, q_).min(),
+                     _point_segment_distances(_EDGE_B, p_, q_).min()))
 
 
 def segment_clear(p: np.ndarray, q: np.ndarray, pose: np.ndarray, radius: float) -> bool:
@@ -187,8 +197,7 @@ def segment_clear(p: np.ndarray, q: np.ndarray, pose: np.ndarray, radius: float)
     lp, lq = to_local(np.stack([p, q]), pose)
     if _inside_outline(lp) or _inside_outline(lq):
         return False
-    ends = np.roll(T_OUTLINE, -1, axis=0)
-    return all(_segment_distance(lp, lq, a, b) >= radius for a, b in zip(T_OUTLINE, ends))
+    return outline_distance(lp, lq) >= radius
 
 
 def resample(waypoints: list[np.ndarray], step: float) -> np.ndarray:
@@ -215,8 +224,10 @@ class PlannerConfig:
     push_far: (min, max) push length beyond first contact when far from the goal.
     push_near: (min, max) push length near the goal (fine corrections).
     near_error: mean keypoint error (px) under which the planner scores by coverage instead of keypoints.
-    check_error: keypoint error under which a rollout checks coverage every step (to stop on success).
-    step_cost: cost added per rollout step, in units of the score, so long detours must earn their time.
+    check_error: a rollout checks coverage (to stop on success) once the block's origin is this close (px)
+        to the goal's and its angle within check_error / 60 rad (the bar's half-length) of it.
+    step_cost_px: far from the goal, cost per rollout step in px of keypoint error (detours must pay off).
+    step_cost_coverage: near the goal, cost per rollout step in units of coverage.
     hold_steps: steps the final push target is held (the PD controller lags ~2 steps behind a moving target).
     long_way_prob: probability of going around the block the long way (useful near walls).
     deviation_tol: replan early when the real block drifts this far (px, keypoints) from the prediction.
@@ -233,7 +244,8 @@ class PlannerConfig:
     push_near: tuple[float, float] = (2.0, 40.0)
     near_error: float = 20.0
     check_error: float = 8.0
-    step_cost: float = 0.2
+    step_cost_px: float = 0.2
+    step_cost_coverage: float = 2e-4
     hold_steps: int = 2
     long_way_prob: float = 0.15
     deviation_tol: float = 1.5
@@ -300,7 +312,7 @@ class PushTPlanner:
         cfg, rng = self.config, self._rng
         pose = state.block_pose
         rot = rotation(pose[2])
-        for _ in range(20):
+        for _ in range(20):  # resample contacts whose approach start would overlap the T (concave corners)
             s = rng.uniform(0.0, EDGE_CUM[-1])
             local_c, local_n = outline_point(s)
             jitter = float(np.clip(rng.normal(0.0, cfg.jitter_std), -1.0, 1.0))
@@ -324,10 +336,7 @@ class PushTPlanner:
 
     def _disc_fits(self, local_p: np.ndarray, radius: float) -> bool:
         """Whether a disc at a local point is outside the T with at least `radius` to spare."""
-        if _inside_outline(local_p):
-            return False
-        ends = np.roll(T_OUTLINE, -1, axis=0)
-        return all(_segment_distance(local_p, local_p, a, b) >= radius - 1e-6 for a, b in zip(T_OUTLINE, ends))
+        return not _inside_outline(local_p) and outline_distance(local_p, local_p) >= radius - 1e-6
 
     def _route(self, agent: np.ndarray, start: np.ndarray, pose: np.ndarray, long_way: bool) -> list[np.ndarray]:
         """Waypoints from the agent to the approach start: straight if clear, else along a circle around
@@ -363,22 +372,25 @@ class PushTPlanner:
         cfg = self.config
         sim = self._simulator()
         sim._setup()  # fresh space: no contact history from the previous rollout
+        sim.collision_handeler.post_solve = _ignore_contacts  # gym's contact counter only slows rollouts
         write_state(sim, state)
         poses = np.empty((len(targets), 3))
+        gx, gy, ga = GOAL_POSE
         for i, target in enumerate(targets):
             physics_step(sim, target)
-            poses[i] = (sim.block.position.x, sim.block.position.y, sim.block.angle)
-            if keypoint_error(poses[i]) < cfg.check_error and coverage(poses[i]) > SUCCESS_COVERAGE:
+            x, y, angle = sim.block.position.x, sim.block.position.y, sim.block.angle
+            poses[i] = (x, y, angle)
+            # cheap prefilter: success needs the origin within a few px and the angle within a few degrees
+            close = math.hypot(x - gx, y - gy) < cfg.check_error and \
+                abs((angle - ga + math.pi) % (2 * math.pi) - math.pi) < cfg.check_error / 60.0
+            if close and coverage(poses[i]) > SUCCESS_COVERAGE:
                 n = i + 1
-                return Rollout(targets[:n], poses[:n], cost=-1.0 + cfg.step_cost * 1e-3 * n, success=True)
-        final = poses[-1]
-        if near:
-            score = 1.0 - coverage(final)
-            step_cost = cfg.step_cost * 1e-3  # coverage units: a step is worth 0.02% coverage
+                return Rollout(targets[:n], poses[:n], cost=-1.0 + cfg.step_cost_coverage * n, success=True)
+        if near:  # both scores are compared only within one replanning, so their units may differ
+            cost = 1.0 - coverage(poses[-1]) + cfg.step_cost_coverage * len(targets)
         else:
-            score = keypoint_error(final)
-            step_cost = cfg.step_cost
-        return Rollout(targets, poses, cost=score + step_cost * len(targets))
+            cost = keypoint_error(poses[-1]) + cfg.step_cost_px * len(targets)
+        return Rollout(targets, poses, cost=cost)
 
     def _needs_replan(self, state: PushTState) -> bool:
         """Replan when there is no plan, it is used up, or the real block left the predicted path."""
@@ -391,54 +403,60 @@ class PushTPlanner:
         return float(np.max(np.linalg.norm(drift, axis=1))) > self.config.deviation_tol
 
 
-# --------------------------------------------------------------------------------------------- benchmark
-def run_episode(seed: int, config: PlannerConfig | None = None, max_steps: int = 300) -> dict:
-    """One expert episode on a physics-only env (no rendering); returns success, steps and best coverage."""
-    import gymnasium as gym
-    import gym_pusht  # noqa: F401
+def _ignore_contacts(arbiter, space, data) -> None:
+    """Post-solve callback that does nothing (gym-pusht's only counts contact points for `info`)."""
 
-    env = gym.make("gym_pusht/PushT-v0", obs_type="state", disable_env_checker=True).unwrapped
-    env.reset(seed=seed)
-    planner = PushTPlanner(config)
-    planner.reset(seed)
+
+# --------------------------------------------------------------------------------------------- benchmark
+def run_episode(seed: int, config: PlannerConfig | None = None, image_size: int = 64,
+                max_steps: int = 300) -> dict:
+    """One expert episode in `PushTEnv` (rendering included, as when collecting demos)."""
+    from dapolicy.envs.pusht import PushTEnv  # late: pusht.py imports this module
+
+    env = PushTEnv(image_size=image_size, max_steps=max_steps, planner_config=config)
+    env.reset(seed)
     best, steps, success = 0.0, 0, False
     for steps in range(1, max_steps + 1):
-        _, _, _, _, info = env.step(planner.act(read_state(env)))
-        best = max(best, float(info["coverage"]))
-        if info["is_success"]:
-            success = True
+        _, result = env.step(env.expert_action())
+        best = max(best, float(result.info["coverage"]))
+        success = result.success
+        if result.done:
             break
+    replans = env.planner.n_replans
     env.close()
-    return {"seed": seed, "success": success, "steps": steps, "max_coverage": best, "replans": planner.n_replans}
+    return {"seed": seed, "success": success, "steps": steps, "max_coverage": round(best, 4), "replans": replans}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Measure the expert: success rate, mean steps and seconds per episode over seeds 0..episodes-1."""
+    """Measure the expert: success rate, mean steps and wall/CPU seconds per episode over a seed range."""
     import argparse
     import os
     import time
 
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    # under `python -m` this file runs as __main__; use the importable module's classes, as PushTEnv does
+    from dapolicy.envs.experts.pusht_planner import PlannerConfig, run_episode
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=PlannerConfig.n_samples)
+    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     config = PlannerConfig(n_samples=args.samples)
-    results, t0 = [], time.perf_counter()
+    results, t0, cpu0 = [], time.perf_counter(), time.process_time()
     for seed in range(args.first_seed, args.first_seed + args.episodes):
-        r = run_episode(seed, config)
+        r = run_episode(seed, config, image_size=args.image_size)
         results.append(r)
         if args.verbose:
             print(r, flush=True)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     n_ok = sum(r["success"] for r in results)
     print(f"success {n_ok}/{len(results)} = {n_ok / len(results):.2f}  "
           f"mean steps {np.mean([r['steps'] for r in results]):.1f} "
           f"(successes {np.mean([r['steps'] for r in results if r['success']] or [0]):.1f})  "
           f"mean max coverage {np.mean([r['max_coverage'] for r in results]):.3f}  "
-          f"{elapsed / len(results):.2f} s/episode")
+          f"{elapsed / len(results):.2f} s/episode ({cpu / len(results):.2f} s CPU)")
     return 0
 
 
