@@ -7,5 +7,5 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(int(os.environ.get("DAP_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("DAP_TEST_THREADS", "1")))
 torch.set_flush_denormal(True)

@@ -20,6 +20,7 @@ from dapolicy.policies import DAPPolicy
 from dapolicy.train import RunFolderError, TrainingDiverged, train
 from dapolicy.training.checkpoint import load_checkpoint
 from dapolicy.training.metrics import read_metrics
+from dapolicy.training.rundir import RunDir
 
 STEPS = {"vae": 4, "dynamics": 4, "policy": 4}
 FAST = dict(config="tiny", steps=STEPS, threads=1, progress=False, batch_size=4, device="cpu")
@@ -128,7 +129,7 @@ def test_resume_after_keyboard_interrupt_is_bit_exact(reference: Path, store_dir
     calls = {"n": 0}
 
     def interrupted(self, batch, stage):
-        if stage == "policy" and self.training is not None:
+        if stage == "policy":
             calls["n"] += 1
             if calls["n"] == 3:  # Ctrl-C during the forward pass of policy step 2
                 raise KeyboardInterrupt
@@ -148,6 +149,8 @@ def test_stage_by_stage_equals_all(reference: Path, store_dir: Path, tmp_path: P
     run = tmp_path / "run"
     with pytest.raises(RunFolderError, match="earlier stage"):
         train(store_dir, run, stage="policy", seed=3, **FAST)
+    with pytest.raises(RunFolderError, match=r"'policy' needs the earlier stage\(s\) \['dynamics'\]"):
+        train(store_dir, run, stage="vae,policy", seed=3, **FAST)
     for stage in ("vae", "dynamics", "policy"):
         train(store_dir, run, stage=stage, seed=3, **FAST)
     assert_same_weights(reference, run)
@@ -165,6 +168,8 @@ def test_existing_run_needs_resume_or_overwrite(reference: Path, store_dir: Path
         train(store_dir, reference, seed=3, **FAST)
     with pytest.raises(RunFolderError, match="method"):
         train(store_dir, reference, method="fm", resume=True, **{**FAST, "config": None})
+    with RunDir(reference).lock(), pytest.raises(RunFolderError, match="another `dap train`"):
+        train(store_dir, reference, resume=True, **FAST)
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(store_dir: Path, tmp_path: Path,
@@ -207,6 +212,10 @@ def test_cli(store_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "samples/s" in capsys.readouterr().out  # one-line stage summaries
     code = cli_main(["train", "--data", str(store_dir), "--out", str(out), "--config", "tiny", "--no-progress"])
     assert code == 2 and "--resume" in capsys.readouterr().err
+    code = cli_main(["train", "--data", str(store_dir), "--out", str(out), "--method", "fm", "--config", "tiny",
+                     "--steps", "1", "--overwrite", "--no-progress", "--device", "cpu"])
+    assert code == 0 and json.loads((out / "config.json").read_text())["method"] == "fm"
+    assert json.loads((out / "config.json").read_text())["train"]["threads"] >= 1  # auto, resolved and stored
     code = cli_main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--config",
                      "tiny", "--no-progress"])
     assert code == 2

@@ -20,10 +20,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dapolicy import __version__
-from dapolicy.training.config import STAGES, TrainConfig, parse_steps
+from dapolicy.training.config import STAGES, TrainConfig, auto_threads, parse_steps
 from dapolicy.training.loop import TrainingDiverged
-from dapolicy.training.rundir import RunDir
-from dapolicy.training.trainer import RunFolderError, Trainer, TrainRequest, environment_info
+from dapolicy.training.rundir import RunDir, RunFolderError
+from dapolicy.training.trainer import Trainer, TrainRequest, environment_info
 
 __all__ = ["TrainConfig", "TrainingDiverged", "RunFolderError", "train", "configure_parser", "run"]
 
@@ -65,7 +65,7 @@ def _default_factory(method: str, config: str) -> Callable[[Any], Any]:
 
 def _clear_run(run: RunDir) -> None:
     """Remove what a previous run wrote (only the files `dap train` owns)."""
-    for p in (run.config, run.state_file, run.metrics):
+    for p in (run.config, run.state_file, run.metrics):  # (the lock file stays: we hold it)
         p.unlink(missing_ok=True)
     for d in (run.plots, run.checkpoints, run.cache, run.model, run.root / "tensorboard"):
         shutil.rmtree(d, ignore_errors=True)
@@ -73,7 +73,7 @@ def _clear_run(run: RunDir) -> None:
 
 def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, config: str | None = None,
           stage: str | Sequence[str] | None = "all", steps: int | str | dict[str, int] | None = None,
-          seed: int | None = None, resume: bool = False, *, batch_size: int | None = None,
+          seed: int | None = None, resume: bool = False, *, batch_size: int | str | dict[str, int] | None = None,
           lr: float | None = None, device: str | torch.device | None = "auto", threads: int | None = None,
           logger: str | None = None, progress: bool | None = None, use_best: bool | None = None,
           amp: bool | None = None, stop_after: int | None = None, overwrite: bool = False,
@@ -95,64 +95,78 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
         any object with the policy contract of docs/architecture.md can be trained.
     Raises TrainingDiverged (loss became NaN/inf), RunFolderError, StoreError, ValueError.
     """
+    from dapolicy.data.store import EpisodeStore
+
+    store = EpisodeStore.open(data_dir)  # fails before anything is written to out_dir
     run = RunDir(Path(out_dir))
-    stored = run.read_config()
-    state = run.read_state()
-    stages = _parse_stages(stage)
+    with run.lock():  # one trainer per run folder
+        stages = _parse_stages(stage)
+        stored = _check_run_folder(run, method, config, seed, stages, resume, overwrite)
+        method = method or (stored or {}).get("method", "dap")
+        config = config or (stored or {}).get("config", "small")
+        seed = seed if seed is not None else (stored or {}).get("seed", 0)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if config not in CONFIGS:
+            raise ValueError(f"config must be one of {CONFIGS}, got {config!r}")
+        base = train_config or (TrainConfig.from_dict(stored["train"]) if stored and "train" in stored
+                                else TrainConfig.preset(config))
+        cfg = _apply_overrides(base, stages or STAGES, steps=steps, batch_size=batch_size, lr=lr, threads=threads,
+                               logger=logger, progress=progress, use_best=use_best, amp=amp)
+        dev = _resolve_device(device)
+        data_path = Path(data_dir).resolve()
+        if stored is not None and stored.get("data") not in (None, str(data_path)):
+            print(f"[dap train] note: {run.root} was trained on {stored['data']}, now {data_path}", file=sys.stderr)
+        request = TrainRequest(data_dir=data_path, run=run, method=method, config=config, stages=stages, seed=seed,
+                               resume=resume, device=dev, stop_after=stop_after)
+        run_config = {"method": method, "config": config, "seed": seed, "data": str(data_path),
+                      "train": cfg.to_dict(), "dapolicy_version": __version__, "environment": environment_info(dev)}
+        trainer = Trainer(request, cfg, policy_factory or _default_factory(method, config), run_config, store)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            return trainer.run_all()
+        finally:
+            torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
+
+
+def _check_run_folder(run: RunDir, method: str | None, config: str | None, seed: int | None,
+                      stages: tuple[str, ...] | None, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse calls that would mix two runs in one folder; return the stored run configuration (or None)."""
+    stored, state = run.read_config(), run.read_state()
     if overwrite and resume:
         raise ValueError("--overwrite and --resume contradict each other")
     if overwrite and stored is not None:
         _clear_run(run)
-        stored, state = None, run.read_state()
-    if stored is not None:
-        for name, given in (("method", method), ("config", config)):
-            if given is not None and given != stored[name]:
-                raise RunFolderError(f"{run.root} holds a run with {name}={stored[name]!r}, not {given!r}: "
-                                     f"choose another --out, or --overwrite")
-        if resume and seed is not None and seed != stored["seed"]:
-            raise RunFolderError(f"{run.root} was trained with seed {stored['seed']}, not {seed}")
-        if not resume and stages is None and (state["stages_done"] or run.last.exists()):
-            raise RunFolderError(f"{run.root} already holds a training run: pass --resume to continue it, "
-                                 f"--overwrite to start over, or choose another --out")
-    method = method or (stored or {}).get("method", "dap")
-    config = config or (stored or {}).get("config", "small")
-    seed = seed if seed is not None else (stored or {}).get("seed", 0)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if config not in CONFIGS:
-        raise ValueError(f"config must be one of {CONFIGS}, got {config!r}")
+        return None
+    if stored is None:
+        return None
+    for name, given in (("method", method), ("config", config)):
+        if given is not None and given != stored[name]:
+            raise RunFolderError(f"{run.root} holds a run with {name}={stored[name]!r}, not {given!r}: "
+                                 f"choose another --out, or --overwrite")
+    if resume and seed is not None and seed != stored["seed"]:
+        raise RunFolderError(f"{run.root} was trained with seed {stored['seed']}, not {seed}")
+    if not resume and stages is None and (state["stages_done"] or run.last.exists()):
+        raise RunFolderError(f"{run.root} already holds a training run: pass --resume to continue it, "
+                             f"--overwrite to start over, or choose another --out")
+    return stored
 
-    if train_config is not None:
-        cfg = train_config
-    elif stored is not None and "train" in stored:
-        cfg = TrainConfig.from_dict(stored["train"])
-    else:
-        cfg = TrainConfig.preset(config)
-    chosen = stages or STAGES
-    cfg = cfg.with_overrides(batch_size=batch_size, threads=threads, logger=logger, progress=progress,
-                             use_best=use_best, amp=amp)
-    step_overrides = parse_steps(steps, chosen)
-    if step_overrides:
-        cfg = cfg.with_overrides(steps={**cfg.steps, **step_overrides})
+
+def _apply_overrides(cfg: TrainConfig, chosen: Sequence[str], steps: Any, batch_size: Any, lr: float | None,
+                     **plain: Any) -> TrainConfig:
+    """Command-line style overrides on a TrainConfig; per-stage ones touch only the `chosen` stages."""
+    cfg = cfg.with_overrides(**plain)
+    batches = parse_steps(batch_size, tuple(chosen), what="--batch-size")
+    if any(n < 1 for n in batches.values()):
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size!r}")
+    budgets = parse_steps(steps, tuple(chosen))
+    cfg = cfg.with_overrides(stage_batch_size={**cfg.stage_batch_size, **batches}, steps={**cfg.steps, **budgets})
     if lr is not None:
         cfg = cfg.with_overrides(lr={**cfg.lr, **{s: float(lr) for s in chosen}})
-    dev = _resolve_device(device)
-    data_path = Path(data_dir).resolve()
-    if stored is not None and stored.get("data") not in (None, str(data_path)):
-        print(f"[dap train] note: {run.root} was trained on {stored['data']}, now {data_path}", file=sys.stderr)
-
-    request = TrainRequest(data_dir=data_path, run=run, method=method, config=config, stages=stages, seed=seed,
-                           resume=resume, device=dev, stop_after=stop_after)
-    run_config = {"method": method, "config": config, "seed": seed, "data": str(data_path),
-                  "train": cfg.to_dict(), "dapolicy_version": __version__, "environment": environment_info(dev)}
-    trainer = Trainer(request, cfg, policy_factory or _default_factory(method, config), run_config)
-    threads_before = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return trainer.run_all()
-    finally:
-        torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
+    if cfg.threads == 0:  # resolved now and stored with the run, so a resume uses the same count
+        cfg = cfg.with_overrides(threads=auto_threads())
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -169,10 +183,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 64 (8 for --config tiny)")
+    parser.add_argument("--batch-size", default=None,
+                        help="N for every selected stage, or vae=32,policy=64 (default 64; VAE 32 frames; tiny 8)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the selected stages")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; 0 = torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: the cores the load average leaves free; stored with "
+                             "the run so --resume uses the same count)")
     parser.add_argument("--logger", choices=("none", "tensorboard", "wandb"), default=None,
                         help="extra metrics sink besides metrics.jsonl (must be installed)")
     parser.add_argument("--use-best", action="store_true", default=None,

@@ -163,3 +163,19 @@ def test_fast_cpu_inference_path_matches_training_path():
             lvl.up.weight.mul_(-0.5)
         fast = net(x, tau, static_tokens=s, dynamic_tokens=d)
     torch.testing.assert_close(fast, net(x, tau, static_tokens=s, dynamic_tokens=d).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_traced_inference_matches_eager_for_new_inputs():
+    from dapolicy.nn.unet1d import TracedInference
+
+    net = tiny()
+    x, tau, s, d = inputs(b=1)
+    fast = TracedInference(net)
+    with torch.no_grad():
+        cache = net.prepare_context(s)
+        for step in range(3):  # the trace is reused: inputs must not be baked in
+            x_k, d_k, t_k = x + step, d * (step + 1), 0.1 * step
+            ref = net(x_k, t_k, static=cache, dynamic_tokens=d_k)
+            torch.testing.assert_close(fast(x_k, t_k, static=cache, dynamic_tokens=d_k), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast(x, 0.5, static=cache), net(x, 0.5, static=cache), rtol=1e-5, atol=1e-6)
+    assert len(fast._traces) == 2

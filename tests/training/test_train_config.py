@@ -42,3 +42,16 @@ def test_round_trip_and_overrides() -> None:
     assert back == cfg
     assert cfg.with_overrides(batch_size=None, threads=1).threads == 1
     assert cfg.with_overrides(batch_size=None).batch_size == cfg.batch_size
+
+
+def test_stage_batch_sizes_and_auto_threads() -> None:
+    from dapolicy.training.config import auto_threads
+
+    cfg = TrainConfig.preset("small")
+    assert cfg.batch_for("vae") == 32 and cfg.batch_for("policy") == 64
+    assert parse_steps("vae=16", what="--batch-size") == {"vae": 16}
+    with pytest.raises(ValueError, match="--batch-size"):
+        parse_steps("x", what="--batch-size")
+    with pytest.raises(ValueError):
+        TrainConfig(stage_batch_size={"vae": 0})
+    assert auto_threads() >= 1

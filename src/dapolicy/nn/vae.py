@@ -44,7 +44,9 @@ class VAEConfig:
     base_channels: width of the first resolution level; level i has base_channels * channel_mults[i].
     channel_mults: one entry per resolution level; there are len(channel_mults) - 1 down-samplings by 2,
         so the default (1, 2, 4, 4) gives 8x down-sampling (64x64x3 -> 8x8x4).
-    blocks_per_level: residual blocks per resolution level (encoder and decoder alike).
+    blocks_per_level: residual blocks per resolution level (encoder and decoder alike): one int for every
+        level, or one entry per level (finest first). Full-resolution convolutions dominate the CPU cost, so
+        the CPU presets put no blocks at the finest levels: e.g. (0, 0, 1, 1) is ~10x cheaper than 1.
     groups: GroupNorm groups; every level width must be divisible by it. GroupNorm rather than BatchNorm so
         encoding a batch of one (inference, latent caching) behaves exactly like training.
     kl_weight: weight of the KL term. Both loss terms are per-element means (pixel MSE, KL per latent
@@ -58,20 +60,25 @@ class VAEConfig:
     latent_channels: int = 4
     base_channels: int = 32
     channel_mults: tuple[int, ...] = (1, 2, 4, 4)
-    blocks_per_level: int = 1
+    blocks_per_level: int | tuple[int, ...] = 1
     groups: int = 8
     kl_weight: float = 1e-6
     logvar_clamp: tuple[float, float] = (-30.0, 20.0)
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        if isinstance(self.blocks_per_level, (list, tuple)):
+            self.blocks_per_level = tuple(int(b) for b in self.blocks_per_level)
+            if len(self.blocks_per_level) != len(self.channel_mults) or min(self.blocks_per_level) < 0:
+                raise ValueError(f"blocks_per_level needs one entry >= 0 per level ({len(self.channel_mults)}), "
+                                 f"got {self.blocks_per_level}")
         self.logvar_clamp = (float(self.logvar_clamp[0]), float(self.logvar_clamp[1]))
         if self.in_channels < 1 or self.latent_channels < 1:
             raise ValueError("in_channels and latent_channels must be >= 1")
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             raise ValueError(f"channel_mults must be a non-empty tuple of positive ints, got {self.channel_mults}")
-        if self.base_channels < 1 or self.blocks_per_level < 1 or self.groups < 1:
-            raise ValueError("base_channels, blocks_per_level and groups must be >= 1")
+        if self.base_channels < 1 or self.groups < 1 or min(self.level_blocks) < 0 or max(self.level_blocks) < 1:
+            raise ValueError("base_channels and groups must be >= 1 and some level needs a residual block")
         for width in self.widths:
             if width % self.groups:
                 raise ValueError(f"level width {width} is not divisible by groups={self.groups}")
@@ -84,6 +91,13 @@ class VAEConfig:
     def widths(self) -> tuple[int, ...]:
         """Channel width of every resolution level, finest first."""
         return tuple(self.base_channels * m for m in self.channel_mults)
+
+    @property
+    def level_blocks(self) -> tuple[int, ...]:
+        """Residual blocks of every resolution level, finest first."""
+        if isinstance(self.blocks_per_level, tuple):
+            return self.blocks_per_level
+        return (int(self.blocks_per_level),) * len(self.channel_mults)
 
     @property
     def downsample_factor(self) -> int:
@@ -108,11 +122,14 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 convolution (learned down-sampling; exact halving for even sizes)."""
+    """Stride-2 3x3 convolution (learned down-sampling; exact halving for even sizes).
 
-    def __init__(self, ch: int) -> None:
+    It also moves to the next level's width, so a level without residual blocks costs one cheap conv.
+    """
+
+    def __init__(self, ch: int, out_ch: int | None = None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(ch, out_ch or ch, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
@@ -121,9 +138,9 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Nearest-neighbour x2 then 3x3 convolution (avoids the checkerboard of transposed convolutions)."""
 
-    def __init__(self, ch: int) -> None:
+    def __init__(self, ch: int, out_ch: int | None = None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = nn.Conv2d(ch, out_ch or ch, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -139,11 +156,12 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         ch = widths[0]
         for level, width in enumerate(widths):
-            for _ in range(cfg.blocks_per_level):
+            for _ in range(cfg.level_blocks[level]):
                 layers.append(ResBlock(ch, width, cfg.groups))
                 ch = width
             if level < len(widths) - 1:
-                layers.append(Downsample(ch))
+                layers.append(Downsample(ch, widths[level + 1]))
+                ch = widths[level + 1]
         layers.append(ResBlock(ch, ch, cfg.groups))  # bottleneck
         self.body = nn.Sequential(*layers)
         self.norm_out = nn.GroupNorm(cfg.groups, ch)
@@ -162,12 +180,14 @@ class Decoder(nn.Module):
         ch = widths[0]
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
         layers: list[nn.Module] = [ResBlock(ch, ch, cfg.groups)]  # bottleneck
+        blocks = cfg.level_blocks[::-1]
         for level, width in enumerate(widths):
-            for _ in range(cfg.blocks_per_level):
+            for _ in range(blocks[level]):
                 layers.append(ResBlock(ch, width, cfg.groups))
                 ch = width
             if level < len(widths) - 1:
-                layers.append(Upsample(ch))
+                layers.append(Upsample(ch, widths[level + 1]))
+                ch = widths[level + 1]
         self.body = nn.Sequential(*layers)
         self.norm_out = nn.GroupNorm(cfg.groups, ch)
         self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)

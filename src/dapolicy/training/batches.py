@@ -1,9 +1,10 @@
 """Which frames each stage trains on, and the batch drawn at every optimizer step.
 
 All frames of the store are loaded once (and their VAE latents cached once); a stage only selects episode
-ids (`EpisodeStore.select`) from that global array. Batch indices for step n are a pure function of (seed, stage, n): an epoch-wise
-shuffle (every training frame once per epoch, Diffusion-Policy style) whose permutation is seeded by the
-epoch number. A resumed run therefore draws exactly the batches the uninterrupted run would have drawn.
+ids (`EpisodeStore.select`) from that global array. Batch indices for step n are a pure function of
+(seed, stage, n): an epoch-wise shuffle (every training frame once per epoch, Diffusion-Policy style) whose
+permutation is seeded by the epoch number. A resumed run therefore draws exactly the batches the
+uninterrupted run would have drawn.
 
 The validation split is a property of the dataset, not of the run: the episodes whose (source, seed) hash
 lowest are held out, so every seed and every method sees the same held-out episodes and their validation

@@ -17,11 +17,22 @@ import numpy as np
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide runs from other users
+
+
 def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call `write(fileobj)` on a temp file beside `path`, then atomically move it into place."""
+    """Call `write(fileobj)` on a temp file beside `path`, then atomically move it into place.
+    Temp files are named `.<name>.*.tmp`; one left by a kill is removed by `remove_stale_temp_files`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -34,6 +45,13 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Delete temp files of writes that a kill interrupted (call only while holding the run's lock)."""
+    if Path(directory).is_dir():
+        for p in Path(directory).glob(".*.tmp"):
+            p.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

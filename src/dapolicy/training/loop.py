@@ -104,6 +104,7 @@ class StageRunner:
         self.run, self.log, self.seed, self.device = run, log, seed, device
         self.extra_state = extra_state  # stored in checkpoints (e.g. the resolved run configuration)
         self.total = cfg.steps_for(stage)
+        self.batch_size = cfg.batch_for(stage)
         self.module = policy.stage_module(stage)
         policy.requires_grad_(False)
         self.module.requires_grad_(True)
@@ -221,10 +222,10 @@ class StageRunner:
                 in_update = False
                 budget.consume()
                 dt = time.perf_counter() - t0
-                self.samples += cfg.batch_size
+                self.samples += self.batch_size
                 self.seconds += dt
                 self.last_loss = loss_value
-                window.add({**_scalars(out), "grad_norm": grad_norm}, cfg.batch_size, dt)
+                window.add({**_scalars(out), "grad_norm": grad_norm}, self.batch_size, dt)
                 bar.update(1)
                 if self.step % cfg.log_interval == 0 or self.step == self.total:
                     rate = window.samples / max(window.seconds, 1e-9)

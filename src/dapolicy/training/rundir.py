@@ -14,11 +14,21 @@ RUN/
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from dapolicy.training.checkpoint import atomic_write_json
+from dapolicy.training.checkpoint import atomic_write_json, remove_stale_temp_files
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - no advisory locks (Windows): runs are simply not protected
+    fcntl = None  # type: ignore[assignment]
+
+
+class RunFolderError(ValueError):
+    """The run folder's contents do not allow the requested call (missing stages, mismatched config, busy)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,25 @@ class RunDir:
 
     def read_config(self) -> dict[str, Any] | None:
         return json.loads(self.config.read_text()) if self.config.exists() else None
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive use of the run folder: a second `dap train` on the same folder fails fast instead of
+        interleaving checkpoints. Also clears temp files that a killed run left behind."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as f:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise RunFolderError(f"another `dap train` is using {self.root}") from None
+            try:
+                for d in (self.root, self.checkpoints, self.cache):
+                    remove_stale_temp_files(d)
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def recover_model(self) -> None:
         """Undo a model swap that was killed half-way (RUN/model moved aside, the new one not yet in place)."""

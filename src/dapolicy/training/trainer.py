@@ -20,19 +20,15 @@ import numpy as np
 import torch
 
 from dapolicy.training.batches import StageBatches, frames_of, split_episodes
-from dapolicy.training.checkpoint import load_checkpoint, seed_everything, step_seed
+from dapolicy.training.checkpoint import atomic_write_json, load_checkpoint, seed_everything, step_seed
 from dapolicy.training.config import TrainConfig
 from dapolicy.training.latents import cached_latents
 from dapolicy.training.loop import StageResult, StageRunner, StepBudget
 from dapolicy.training.metrics import MetricsLog, plot_losses, read_metrics
-from dapolicy.training.rundir import RunDir
+from dapolicy.training.rundir import RunDir, RunFolderError
 
 CALIBRATION_FRAMES = 1024
 PolicyFactory = Callable[[Any], Any]  # EnvSpec -> policy
-
-
-class RunFolderError(ValueError):
-    """The run folder's contents do not allow the requested call (missing stages, mismatched config)."""
 
 
 def _say(message: str) -> None:
@@ -60,17 +56,15 @@ class Trainer:
     """Trains `policy_factory()`'s stages on the episodes in `request.data_dir`."""
 
     def __init__(self, request: TrainRequest, cfg: TrainConfig, policy_factory: PolicyFactory,
-                 run_config: dict[str, Any]) -> None:
-        self.req, self.cfg, self.factory = request, cfg, policy_factory
+                 run_config: dict[str, Any], store: Any) -> None:
+        self.req, self.cfg, self.factory, self.store = request, cfg, policy_factory, store
         self.run_config = run_config  # written to RUN/config.json
         self.run = request.run
         self._latents: np.ndarray | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def _load_data(self) -> tuple[Any, Any]:
-        from dapolicy.data.store import EpisodeStore
-
-        store = EpisodeStore.open(self.req.data_dir)
+        store = self.store
         if len(store) == 0:
             raise ValueError(f"the episode store at {store.path} is empty: run `dap collect` first")
         data = store.load()  # every episode, in store order: episode i of `data` is store episode i
@@ -125,7 +119,7 @@ class Trainer:
             def make(ids: np.ndarray) -> dict[str, np.ndarray]:
                 return sampler.gather(arrays, ids)
         return StageBatches(make=make, train_ids=frames_of(ends, train_eps), val_ids=frames_of(ends, val_eps),
-                            batch_size=self.cfg.batch_size, seed=self.req.seed, stage=stage,
+                            batch_size=self.cfg.batch_for(stage), seed=self.req.seed, stage=stage,
                             device=self.req.device)
 
     def _get_latents(self, policy: Any, data: Any) -> np.ndarray:
@@ -139,7 +133,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ run
     def run_all(self) -> Path:
-        from dapolicy.configuration import to_dict, write_json_atomic
+        from dapolicy.configuration import to_dict
 
         store, data = self._load_data()
         state = self.run.read_state()
@@ -147,7 +141,7 @@ class Trainer:
         selected = self._selected_stages(policy, state)
         self.run.root.mkdir(parents=True, exist_ok=True)
         policy_cfg = getattr(policy, "config", None)
-        write_json_atomic(self.run.config, {**self.run_config, "stages": list(policy.stages),
+        atomic_write_json(self.run.config, {**self.run_config, "stages": list(policy.stages),
                                             "policy": to_dict(policy_cfg) if policy_cfg is not None else None,
                                             "spec": store.spec.to_dict(), "num_episodes": len(store),
                                             "num_frames": int(store.num_frames)})
@@ -169,19 +163,26 @@ class Trainer:
         return self.run.root
 
     def _selected_stages(self, policy: Any, state: dict[str, Any]) -> tuple[str, ...]:
+        """The stages this call trains, in order, after checking that each one's predecessors will be
+        finished when it starts (retraining a stage un-finishes the later ones, see `_finish_stage`)."""
         stages = tuple(policy.stages)
         if self.req.stages is None:
-            return stages
-        unknown = [s for s in self.req.stages if s not in stages]
-        if unknown:
-            raise ValueError(f"stage(s) {unknown} are not stages of this policy ({', '.join(stages)})")
-        selected = tuple(s for s in stages if s in self.req.stages)
-        earlier = stages[: stages.index(selected[0])]
-        missing = [s for s in earlier if s not in state["stages_done"]]
-        if missing:
-            raise RunFolderError(
-                f"stage {selected[0]!r} needs the earlier stage(s) {missing} trained in {self.run.root} first "
-                f"(run `dap train --stage {missing[0]}` or `--stage all` with the same --out)")
+            selected = stages
+        else:
+            unknown = [s for s in self.req.stages if s not in stages]
+            if unknown:
+                raise ValueError(f"stage(s) {unknown} are not stages of this policy ({', '.join(stages)})")
+            selected = tuple(s for s in stages if s in self.req.stages)
+        done = set(state["stages_done"])
+        for stage in selected:
+            if self.req.resume and stage in done:
+                continue
+            missing = [s for s in stages[: stages.index(stage)] if s not in done]
+            if missing:
+                raise RunFolderError(
+                    f"stage {stage!r} needs the earlier stage(s) {missing} trained in {self.run.root} first "
+                    f"(run `dap train --stage {missing[0]}`, or `--stage all`, with the same --out)")
+            done = {s for s in done if stages.index(s) < stages.index(stage)} | {stage}
         return selected
 
     def _run_stage(self, policy: Any, init: Any, stage: str, data: Any, store: Any, log: MetricsLog,
@@ -209,7 +210,7 @@ class Trainer:
         else:
             log.truncate_after(tuple(policy.stages), stage, 0)
         n_train, n_val = len(batches.train_ids), len(batches.val_ids)
-        _say(f"stage {stage!r}: {runner.total} steps, batch {self.cfg.batch_size}, {n_train} train / {n_val} "
+        _say(f"stage {stage!r}: {runner.total} steps, batch {runner.batch_size}, {n_train} train / {n_val} "
              f"validation frames, {sum(p.numel() for p in runner.params):,} parameters, device "
              f"{self.req.device}")
         result = runner.train(budget)
