@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,8 @@ class QuickstartConfig:
     steps: optimizer steps per training stage.
     eval_episodes: seeded episodes per evaluation suite (in distribution and each OOD suite).
     ood: the suites to evaluate.
-    threads: torch threads (None = all cores; 1 is robust when other jobs load the machine).
+    threads: torch threads (None = every core: the quickstart assumes the machine is otherwise idle; use 1 when
+        other jobs load it, since torch's threads stall badly under CPU contention).
     """
 
     env: str = "metaworld/button-press-v3"
@@ -40,7 +42,7 @@ class QuickstartConfig:
     image_size: int = 64
     config: str = "small"
     method: str = "dap"
-    steps: str = "vae=1000,dynamics=1000,policy=2000"
+    steps: str = "vae=500,dynamics=800,policy=1500"
     batch_size: int = 64
     eval_episodes: int = 20
     ood: tuple[str, ...] = ("none", "light", "distractor", "novel_object")
@@ -63,6 +65,7 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig | None = None, progres
     from dapolicy.train import train
 
     cfg = cfg or QuickstartConfig()
+    threads = cfg.threads or os.cpu_count() or 1
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +89,7 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig | None = None, progres
 
     resume = (run_dir / "checkpoints").exists() or (run_dir / "model").exists()
     phase("train", train, data_dir, run_dir, method=cfg.method, config=cfg.config, steps=cfg.steps,
-          seed=cfg.seed, resume=resume, batch_size=cfg.batch_size, threads=cfg.threads, progress=progress)
+          seed=cfg.seed, resume=resume, batch_size=cfg.batch_size, threads=threads, progress=progress)
 
     results = {}
     for kind in cfg.ood:
