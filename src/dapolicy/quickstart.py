@@ -23,13 +23,14 @@ from dapolicy.configuration import write_json_atomic
 
 @dataclass
 class QuickstartConfig:
-    """The default task and budgets, sized for ~15 minutes on a 2-core CPU.
+    """The default task and budgets, sized to finish within 20 minutes on an idle 2-core CPU.
 
     env: the task. Meta-World button-press with two 64-px cameras learns well with a CPU-sized model.
     expert_episodes / random_episodes: demonstrations for the policy; random + noisy-expert episodes that
         teach the dynamics model what off-distribution actions do.
     config: named model configuration (see `dap info`).
     steps: optimizer steps per training stage.
+    batch_size: windows per step for every stage (None = the trainer's defaults: 64, and 32 frames for the VAE).
     eval_episodes: seeded episodes per evaluation suite (in distribution and each OOD suite).
     ood: the suites to evaluate.
     threads: torch threads (None = every core: the quickstart assumes the machine is otherwise idle; use 1 when
@@ -42,9 +43,9 @@ class QuickstartConfig:
     image_size: int = 64
     config: str = "small"
     method: str = "dap"
-    steps: str = "vae=500,dynamics=800,policy=1500"
-    batch_size: int = 64
-    eval_episodes: int = 20
+    steps: str = "vae=700,dynamics=700,policy=1500"
+    batch_size: int | None = None
+    eval_episodes: int = 16
     ood: tuple[str, ...] = ("none", "light", "distractor", "novel_object")
     seed: int = 0
     threads: int | None = None

@@ -164,6 +164,7 @@ def test_select_action_executes_n_action_steps_then_replans():
     env_obs = {"images": {"a": np.zeros((32, 32, 3), np.uint8), "b": np.zeros((32, 32, 3), np.uint8)},
                "proprio": np.zeros(2, np.float32)}
     policy.reset()
+    policy.record_predictions = True
     for _ in range(policy.config.n_action_steps * 2 + 1):
         assert policy.select_action(env_obs).shape == (3,)
     assert len(calls) == 3
@@ -189,3 +190,12 @@ def test_named_configs_build_and_paper_is_paper_sized():
     counts = {name: DAPPolicy(get_config(name), default_spec()).parameter_counts()["total"]
               for name in ("tiny", "small")}
     assert counts["tiny"] < 1_000_000 < counts["small"] < 30_000_000
+
+
+def test_paper_config_has_paper_scale_parameter_count():
+    """`dap info --config paper` must report 330-410M trainable parameters (the paper: 369M)."""
+    from dapolicy.info import default_spec
+
+    with torch.device("meta"):  # counts shapes without allocating 1.4 GB
+        counts = DAPPolicy(get_config("paper"), default_spec()).parameter_counts()
+    assert 330e6 <= counts["total"] <= 410e6, counts

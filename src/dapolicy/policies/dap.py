@@ -345,9 +345,16 @@ class DAPPolicy(nn.Module):
         self._history: deque[dict[str, np.ndarray]] = deque(maxlen=self.config.n_obs_steps)
         self._action_queue: deque[np.ndarray] = deque()
         self.last_next_frames: np.ndarray | None = None
+        if not hasattr(self, "record_predictions"):
+            # Decoding the predicted next frames costs a VAE decode per chunk: only on request (videos, UIs).
+            self.record_predictions = False
 
     def select_action(self, env_obs: Mapping[str, Any]) -> np.ndarray:
-        """Receding-horizon control: predict a chunk of H when the queue is empty, execute T_a of it."""
+        """Receding-horizon control: predict a chunk of H when the queue is empty, execute T_a of it.
+
+        With `record_predictions = True` the decoded predicted next frames of the last chunk are kept in
+        `last_next_frames` ([C, S, S, 3] uint8).
+        """
         frame = self._env_frame(env_obs)
         if not self._history:
             self._history.extend([frame] * self.config.n_obs_steps)
@@ -355,8 +362,11 @@ class DAPPolicy(nn.Module):
             self._history.append(frame)
         if not self._action_queue:
             obs = {k: np.stack([f[k] for f in self._history])[None] for k in ("images", "proprio")}
-            actions, next_frames = self.predict_chunk(obs, return_next=True)
-            self.last_next_frames = None if next_frames is None else next_frames[0]
+            if self.record_predictions:
+                actions, next_frames = self.predict_chunk(obs, return_next=True)
+                self.last_next_frames = None if next_frames is None else next_frames[0]
+            else:
+                actions = self.predict_chunk(obs)
             self._action_queue.extend(actions[0, : self.config.n_action_steps])
         return self._action_queue.popleft()
 
