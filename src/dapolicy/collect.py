@@ -417,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dap collect: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ndap collect: interrupted; the stored episodes are intact - continue with --resume",
+        print("\ndap collect: interrupted; the stored episodes are intact - continue with --resume",
               file=sys.stderr)
         return 130
     rate = summary["expert_success_rate"]

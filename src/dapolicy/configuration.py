@@ -7,11 +7,7 @@ and reject keys the code does not know, so a typo or a config from a newer versi
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -57,42 +53,3 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
         raise ValueError(f"{where}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON so a crash leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=False, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _json_default(obj: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -153,7 +153,7 @@ def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32
     import torch
     from tqdm.auto import tqdm
 
-    from dapolicy.configuration import write_json_atomic
+    from dapolicy.atomic import write_json_atomic
     from dapolicy.data.sampler import WindowSampler
 
     if policy is None:

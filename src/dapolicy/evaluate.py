@@ -15,7 +15,6 @@ records, latency, settings) and videos of the first episodes to `RUN/eval/videos
 from __future__ import annotations
 
 import argparse
-import collections
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ import numpy as np
 
 from dapolicy.envs.base import Env, EnvSpec, make_env
 from dapolicy.envs.perturbations import OOD_KINDS, OODConfig
+from dapolicy.policies.receding import RecedingHorizon
 from dapolicy.stats import latency_summary, wilson_interval
 
 DEFAULT_SEED = 100_000
@@ -171,23 +171,16 @@ class RecedingHorizonController:
 
     def reset(self) -> None:
         """Forget the history and the queued actions (start of an episode)."""
-        self._history: collections.deque[dict[str, np.ndarray]] = collections.deque(
-            maxlen=self.dims.n_obs_steps)
-        self._queue: collections.deque[np.ndarray] = collections.deque()
+        self._loop = RecedingHorizon(self.dims.n_obs_steps, self.dims.n_action_steps)
         self.last_next_frames = None
-
-    def _push(self, env_obs: dict[str, Any]) -> None:
-        frame = {"images": np.stack([np.asarray(env_obs["images"][c], np.uint8) for c in self.cameras]),
-                 "proprio": np.asarray(env_obs["proprio"], np.float32)}
-        if not self._history:
-            self._history.extend([frame] * self.dims.n_obs_steps)
-        else:
-            self._history.append(frame)
 
     def batch(self) -> dict[str, np.ndarray]:
         """The policy input for the current history: images [1,T_o,C,S,S,3], proprio [1,T_o,P]."""
-        return {"images": np.stack([f["images"] for f in self._history])[None],
-                "proprio": np.stack([f["proprio"] for f in self._history])[None]}
+        return self._loop.batch()
+
+    def _frame(self, env_obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        return {"images": np.stack([np.asarray(env_obs["images"][c], np.uint8) for c in self.cameras]),
+                "proprio": np.asarray(env_obs["proprio"], np.float32)}
 
     def predict(self, want_next: bool = False, timed: bool = True) -> np.ndarray:
         """One chunk for the current history -> actions [H, A]; optionally records the predicted frames."""
@@ -216,15 +209,14 @@ class RecedingHorizonController:
 
     def act(self, env_obs: dict[str, Any], want_next: bool = False) -> np.ndarray:
         """The action for this step: pops the queue, re-planning first when it is empty."""
-        self._push(env_obs)
-        if not self._queue:
-            chunk = self.predict(want_next=want_next)
-            self._queue.extend(np.asarray(a, np.float32) for a in chunk[: self.dims.n_action_steps])
-        return self._queue.popleft()
+        self._loop.observe(self._frame(env_obs))
+        if self._loop.needs_chunk:
+            self._loop.enqueue(self.predict(want_next=want_next))
+        return self._loop.pop()
 
     def warm_up(self, env_obs: dict[str, Any], want_next: bool) -> None:
         """One untimed call: first calls pay for lazy initialisation and allocator growth."""
-        self._push(env_obs)
+        self._loop.observe(self._frame(env_obs))
         self.predict(want_next=want_next, timed=False)
         self.reset()
 
@@ -361,7 +353,7 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
         return _evaluate_all(run_dir, episodes, seed, env, videos, mode, flow_steps, max_steps, out, policy,
                              env_factory, progress)
 
-    from dapolicy.configuration import write_json_atomic
+    from dapolicy.atomic import write_json_atomic
 
     spec: EnvSpec = policy.spec
     env_name = env or spec.name
@@ -442,7 +434,7 @@ def _evaluate_all(run_dir: str | Path, episodes: int, seed: int, env: str | None
                   mode: str | None, flow_steps: int | None, max_steps: int | None, out: Path, policy: Any,
                   env_factory: EnvFactory | None, progress: bool) -> dict[str, Any]:
     """Every OOD suite on the same seeds, then a summary table (JSON and Markdown)."""
-    from dapolicy.configuration import write_json_atomic
+    from dapolicy.atomic import write_json_atomic
 
     suites = {kind: evaluate(run_dir, episodes, kind, seed, env, videos, mode, flow_steps, max_steps, out,
                              policy=policy, env_factory=env_factory, progress=progress)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dapolicy.configuration import write_json_atomic
+from dapolicy.atomic import write_json_atomic
 
 
 @dataclass
@@ -43,7 +43,7 @@ class QuickstartConfig:
     image_size: int = 64
     config: str = "small"
     method: str = "dap"
-    steps: str = "vae=700,dynamics=700,policy=1500"
+    steps: str = "vae=600,dynamics=600,policy=1500"
     batch_size: int | None = None
     eval_episodes: int = 16
     ood: tuple[str, ...] = ("none", "light", "distractor", "novel_object")

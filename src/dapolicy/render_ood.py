@@ -8,14 +8,13 @@ that seed starts from.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from dapolicy.atomic import atomic_write_bytes
 from dapolicy.envs.perturbations import OOD_KINDS, OODConfig
 
 if TYPE_CHECKING:
@@ -83,10 +82,7 @@ def render_ood(env_name: str, out: str | Path, n_seeds: int = 4, image_size: int
     """Write the grid to `out` (PNG, written to a temp name and renamed so a partial file never appears)."""
     out = Path(out)
     grid = render_grid(env_name, list(range(seed_start, seed_start + n_seeds)), image_size, cameras, scale, steps)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    atomic_write_bytes(out, lambda f: grid.save(f, format="PNG"))
     return out
 
 

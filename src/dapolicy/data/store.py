@@ -30,6 +30,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from dapolicy.atomic import to_jsonable, write_json_atomic
+
 from dapolicy.envs.base import EnvSpec
 
 try:  # POSIX advisory locking; without it (Windows) appends are simply not protected against a second writer
@@ -109,33 +111,11 @@ class EpisodeData:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _to_json(value: Any) -> Any:
-    """Numpy scalars/arrays -> plain Python, so meta written by env code serialises."""
-    if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+_to_json = to_jsonable
 
 
 def _atomic_write_json(path: Path, payload: Any) -> None:
-    """Write JSON to a sibling temp file, fsync it, then `os.replace` it: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Public helper (used for `summary.json`): atomic JSON write with numpy values converted."""
-    _atomic_write_json(Path(path), _to_json(payload))
+    write_json_atomic(path, payload, indent=1)
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -143,19 +123,6 @@ def _remove_if_empty(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _array_specs(spec: EnvSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

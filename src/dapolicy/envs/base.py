@@ -8,9 +8,12 @@ Cameras are always listed in `Env.cameras` order; the policy stacks them in that
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from dapolicy.envs.perturbations import OODConfig
 
 Observation = dict[str, Any]
 
@@ -84,8 +87,6 @@ def make_env(name: str, image_size: int = 64, cameras: tuple[str, ...] | None = 
 
     ood: an out-of-distribution perturbation drawn per episode from the reset seed (None = in distribution).
     """
-    from dapolicy.envs.perturbations import OODConfig  # noqa: F401  (type only)
-
     if name == "pusht":
         from dapolicy.envs.pusht import PushTEnv
 

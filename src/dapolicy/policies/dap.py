@@ -7,7 +7,6 @@ arrive as uint8 [..., S, S, 3] and become float [-1, 1] CHW; next observations l
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +26,7 @@ from dapolicy.nn.vae import VAE
 from dapolicy.policies.config import COUPLING_MODES, DAPConfig
 from dapolicy.policies.coupling import CouplingTrace, coupled_generation
 from dapolicy.policies.normalizer import MinMaxNormalizer, check_finite
+from dapolicy.policies.receding import RecedingHorizon, env_frame
 from dapolicy.policies import pretrained
 
 STAGES = ("vae", "dynamics", "policy")
@@ -294,14 +294,12 @@ class DAPPolicy(nn.Module):
             t = torch.full((b,), tau, device=a.device)
             return self.policy_net.unet(a, t, static=context, dynamic_tokens=self.policy_net.next_tokens(z_hat, b))
 
-        dynamics_velocity = None
-        if mode != "off":
-            current = batch["latents"][:, -1]
-            proprio = self.proprio_normalizer.normalize(batch["proprio"]).flatten(1)
+        current = batch["latents"][:, -1] if mode != "off" else None
+        proprio = self.proprio_normalizer.normalize(batch["proprio"]).flatten(1)
 
-            def dynamics_velocity(z: Tensor, tau: float, a_hat: Tensor | None) -> Tensor:
-                t = torch.full((b,), tau, device=z.device)
-                return self.dynamics(z, t, current, a_hat, proprio)
+        def dynamics_velocity(z: Tensor, tau: float, a_hat: Tensor | None) -> Tensor:
+            t = torch.full((b,), tau, device=z.device)
+            return self.dynamics(z, t, current, a_hat, proprio)
 
         dev = self.device
         z0 = torch.randn((b, len(self.spec.cameras), self.latent_channels, self.latent_size, self.latent_size),
@@ -342,8 +340,7 @@ class DAPPolicy(nn.Module):
     # ------------------------------------------------------------------ closed loop
     def reset(self) -> None:
         """Forget the observation history and queued actions (call at every episode start)."""
-        self._history: deque[dict[str, np.ndarray]] = deque(maxlen=self.config.n_obs_steps)
-        self._action_queue: deque[np.ndarray] = deque()
+        self._loop = RecedingHorizon(self.config.n_obs_steps, self.config.n_action_steps)
         self.last_next_frames: np.ndarray | None = None
         if not hasattr(self, "record_predictions"):
             # Decoding the predicted next frames costs a VAE decode per chunk: only on request (videos, UIs).
@@ -355,38 +352,15 @@ class DAPPolicy(nn.Module):
         With `record_predictions = True` the decoded predicted next frames of the last chunk are kept in
         `last_next_frames` ([C, S, S, 3] uint8).
         """
-        frame = self._env_frame(env_obs)
-        if not self._history:
-            self._history.extend([frame] * self.config.n_obs_steps)
-        else:
-            self._history.append(frame)
-        if not self._action_queue:
-            obs = {k: np.stack([f[k] for f in self._history])[None] for k in ("images", "proprio")}
+        self._loop.observe(env_frame(env_obs, self.spec))
+        if self._loop.needs_chunk:
             if self.record_predictions:
-                actions, next_frames = self.predict_chunk(obs, return_next=True)
+                actions, next_frames = self.predict_chunk(self._loop.batch(), return_next=True)
                 self.last_next_frames = None if next_frames is None else next_frames[0]
             else:
-                actions = self.predict_chunk(obs)
-            self._action_queue.extend(actions[0, : self.config.n_action_steps])
-        return self._action_queue.popleft()
-
-    def _env_frame(self, env_obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        if "images" not in env_obs or "proprio" not in env_obs:
-            missing = [k for k in ("images", "proprio") if k not in env_obs]
-            raise ValueError(f"observation is missing key(s) {missing}")
-        s = self.spec.image_size
-        images = []
-        for cam in self.spec.cameras:
-            if cam not in env_obs["images"]:
-                raise ValueError(f"observation is missing camera {cam!r} (expected cameras {list(self.spec.cameras)})")
-            img = np.asarray(env_obs["images"][cam])
-            if img.shape != (s, s, 3):
-                raise ValueError(f"camera {cam!r} image has shape {img.shape}, expected ({s}, {s}, 3)")
-            images.append(img)
-        proprio = np.asarray(env_obs["proprio"], dtype=np.float32)
-        if proprio.shape != (self.spec.proprio_dim,):
-            raise ValueError(f"'proprio' has shape {proprio.shape}, expected ({self.spec.proprio_dim},)")
-        return {"images": np.stack(images), "proprio": proprio}
+                actions = self.predict_chunk(self._loop.batch())
+            self._loop.enqueue(actions[0])
+        return self._loop.pop()
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dapolicy.configuration import write_json_atomic
+from dapolicy.atomic import write_json_atomic
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

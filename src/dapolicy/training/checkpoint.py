@@ -6,10 +6,7 @@ reader sees either the old or the new checkpoint, never half of one.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,45 +14,14 @@ import numpy as np
 import torch
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from dapolicy.atomic import atomic_write_bytes, remove_stale_temp_files, write_json_atomic
 
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide runs from other users
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call `write(fileobj)` on a temp file beside `path`, then atomically move it into place.
-    Temp files are named `.<name>.*.tmp`; one left by a kill is removed by `remove_stale_temp_files`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def remove_stale_temp_files(directory: Path) -> None:
-    """Delete temp files of writes that a kill interrupted (call only while holding the run's lock)."""
-    if Path(directory).is_dir():
-        for p in Path(directory).glob(".*.tmp"):
-            p.unlink(missing_ok=True)
+__all__ = ["atomic_write_bytes", "atomic_write_json", "remove_stale_temp_files", "save_checkpoint",
+           "load_checkpoint", "rng_state", "set_rng_state"]
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+    write_json_atomic(path, obj, indent=2, sort_keys=True)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
