@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dapolicy.train", "train a policy (for DAP: VAE, dynamics model, then policy)"),
     "eval": ("dapolicy.evaluate", "seeded closed-loop evaluation, in distribution or OOD"),
     "diagnose": ("dapolicy.diagnose", "Fig. 2 of the paper: quality of the extrapolated estimates vs tau"),
+    "bench": ("dapolicy.bench", "per-chunk inference latency of each coupling mode, as ratios to the plain policy"),
     "quickstart": ("dapolicy.quickstart", "collect, train, evaluate and diagnose on the default task"),
 }
 
