@@ -19,6 +19,7 @@ import functools  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+import atexit  # noqa: E402
 import weakref  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -174,6 +175,12 @@ def _make_fast_renderer(model: mujoco.MjModel, size: int) -> mujoco.Renderer:
     return renderer
 
 
+def _close_at_exit(ref: "weakref.ReferenceType[MetaWorldEnv]") -> None:
+    env = ref()
+    if env is not None:
+        env.close()
+
+
 class MetaWorldEnv:
     """A Meta-World v3 task as a seeded, image-observation `Env` (see envs/base.py).
 
@@ -200,6 +207,9 @@ class MetaWorldEnv:
         self._renderer: mujoco.Renderer | None = _make_fast_renderer(self.model, int(image_size))
         # Close the GL context before interpreter teardown even if the caller forgets close().
         self._finalizer = weakref.finalize(self, self._renderer.close)
+        # weakref's own exit hook may run after MuJoCo's eglTerminate (registered earlier or later, depending
+        # on import order); an atexit hook registered now runs before it (LIFO), so no EGL error at exit.
+        atexit.register(_close_at_exit, weakref.ref(self))
         self._defaults = _VisualDefaults.capture(self.model)
         self._object_geoms = self._find_object_geoms()
         self._expert = expert_policy_class(task)()
