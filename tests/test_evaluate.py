@@ -178,7 +178,7 @@ def test_ood_option_reaches_the_env(tmp_path, real_spec):
 def test_receding_horizon_semantics():
     policy, factory, _ = line_setup(n_obs=3, horizon=5, n_action=3)
     env = factory("line", image_size=8, cameras=("a", "b"), ood=None)
-    ctl = ev.RecedingHorizonController(policy, env.spec.cameras, mode="gauss_seidel", steps=5)
+    ctl = ev.RecedingHorizonController(policy, env.spec, mode="gauss_seidel", steps=5)
     obs = env.reset(0)
     for _ in range(7):
         obs, _ = env.step(ctl.act(obs))

@@ -25,7 +25,7 @@ import numpy as np
 
 from dapolicy.envs.base import Env, EnvSpec, make_env
 from dapolicy.envs.perturbations import OOD_KINDS, OODConfig
-from dapolicy.policies.receding import RecedingHorizon
+from dapolicy.policies.receding import RecedingHorizon, env_frame
 from dapolicy.stats import latency_summary, wilson_interval
 
 DEFAULT_SEED = 100_000
@@ -157,10 +157,10 @@ class RecedingHorizonController:
     and a queue of T_a actions; a new chunk is predicted only when the queue is empty.
     """
 
-    def __init__(self, policy: Any, cameras: Sequence[str], mode: str | None = None,
+    def __init__(self, policy: Any, spec: EnvSpec, mode: str | None = None,
                  steps: int | None = None) -> None:
         self.policy = policy
-        self.cameras = tuple(cameras)
+        self.spec = spec
         self.dims = ChunkDims.of(policy)
         self.mode = mode
         self.steps = steps
@@ -177,10 +177,6 @@ class RecedingHorizonController:
     def batch(self) -> dict[str, np.ndarray]:
         """The policy input for the current history: images [1,T_o,C,S,S,3], proprio [1,T_o,P]."""
         return self._loop.batch()
-
-    def _frame(self, env_obs: dict[str, Any]) -> dict[str, np.ndarray]:
-        return {"images": np.stack([np.asarray(env_obs["images"][c], np.uint8) for c in self.cameras]),
-                "proprio": np.asarray(env_obs["proprio"], np.float32)}
 
     def predict(self, want_next: bool = False, timed: bool = True) -> np.ndarray:
         """One chunk for the current history -> actions [H, A]; optionally records the predicted frames."""
@@ -209,14 +205,14 @@ class RecedingHorizonController:
 
     def act(self, env_obs: dict[str, Any], want_next: bool = False) -> np.ndarray:
         """The action for this step: pops the queue, re-planning first when it is empty."""
-        self._loop.observe(self._frame(env_obs))
+        self._loop.observe(env_frame(env_obs, self.spec))
         if self._loop.needs_chunk:
             self._loop.enqueue(self.predict(want_next=want_next))
         return self._loop.pop()
 
     def warm_up(self, env_obs: dict[str, Any], want_next: bool) -> None:
         """One untimed call: first calls pay for lazy initialisation and allocator growth."""
-        self._loop.observe(self._frame(env_obs))
+        self._loop.observe(env_frame(env_obs, self.spec))
         self.predict(want_next=want_next, timed=False)
         self.reset()
 
@@ -284,7 +280,7 @@ def run_episodes(policy: Any, env: Env, spec: EnvSpec, episodes: int, seed: int,
 
     from dapolicy.video import video_suffix, write_video
 
-    controller = RecedingHorizonController(policy, spec.cameras, mode=mode, steps=steps)
+    controller = RecedingHorizonController(policy, spec, mode=mode, steps=steps)
     show_prediction = controller.can_predict_next
     controller.warm_up(env.reset(seed), want_next=show_prediction and videos > 0)
 
