@@ -3,7 +3,7 @@
 import torch
 
 from dapolicy.bench import bench_modes
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 from dapolicy.policies import DAPPolicy, get_config
 
 

@@ -13,7 +13,7 @@ from dapolicy.cli import main
 from dapolicy.collect import (RANDOM_SEED_OFFSET, CollectConfig, Job, collect, ou_actor, plan_jobs,
                               walk_actor)
 from dapolicy.data.store import EpisodeStore
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 
 TINY = dict(image_size=32, max_steps=4, random_length=5, progress=False)
 

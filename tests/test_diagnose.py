@@ -16,7 +16,7 @@ import torch
 
 from dapolicy import diagnose as dg
 from dapolicy.data.store import Episode, EpisodeStore
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 from dapolicy.policies.normalizer import MinMaxNormalizer
 
 SPEC = EnvSpec(name="synthetic", cameras=("front", "wrist"), image_size=16, action_dim=2, proprio_dim=3,

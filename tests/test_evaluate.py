@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from dapolicy import evaluate as ev
-from dapolicy.envs.base import EnvSpec, StepResult, make_env
+from dapolicy.spec import EnvSpec, StepResult, make_env
 
 SIZE = 32
 

@@ -15,7 +15,7 @@ import torch
 
 from dapolicy.cli import main as cli_main
 from dapolicy.data.store import Episode, EpisodeStore
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 from dapolicy.policies import DAPPolicy
 from dapolicy.train import RunFolderError, TrainingDiverged, train
 from dapolicy.training.checkpoint import load_checkpoint

@@ -30,7 +30,8 @@ import numpy as np
 
 from dapolicy.data.store import (COLLECT_STORE_NAME, SOURCES, Episode, EpisodeStore, StoreError,
                                  write_json_atomic)
-from dapolicy.envs.base import Env, EnvSpec, make_env
+from dapolicy.envs.base import Env, make_env
+from dapolicy.spec import EnvSpec
 
 RANDOM_SEED_OFFSET = 1_000_000
 SUMMARY_FILE = "summary.json"

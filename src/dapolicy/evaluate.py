@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from dapolicy.envs.base import Env, EnvSpec, make_env
+from dapolicy.envs.base import Env, make_env
+from dapolicy.spec import EnvSpec
 from dapolicy.envs.perturbations import OOD_KINDS, OODConfig
 from dapolicy.policies.receding import RecedingHorizon, env_frame
 from dapolicy.stats import latency_summary, wilson_interval

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 from dapolicy.policies import DAPPolicy, get_config
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from dapolicy.data import store as store_mod
 from dapolicy.data.store import Episode, EpisodeStore, StoreError
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 
 SPEC = EnvSpec(name="toy", cameras=("top", "wrist"), image_size=8, action_dim=2, proprio_dim=3, max_steps=50,
                action_low=(-1.0, -1.0), action_high=(1.0, 1.0))

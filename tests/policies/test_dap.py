@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 from dapolicy.policies import DAPPolicy, get_config
 
 SPEC = EnvSpec(name="test", cameras=("a", "b"), image_size=32, action_dim=3, proprio_dim=2, max_steps=10,

@@ -7,7 +7,7 @@ the centre: every action equals (c - s) / 2. The next frame (k = T_a steps later
 import numpy as np
 import torch
 
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 from dapolicy.policies import DAPPolicy, get_config
 
 SPEC = EnvSpec(name="square", cameras=("top",), image_size=32, action_dim=2, proprio_dim=2, max_steps=50)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 from dapolicy.policies.receding import RecedingHorizon, env_frame
 
 SPEC = EnvSpec(name="t", cameras=("a", "b"), image_size=4, action_dim=2, proprio_dim=1, max_steps=5)

@@ -32,7 +32,7 @@ import numpy as np
 
 from dapolicy.atomic import to_jsonable, write_json_atomic
 
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 
 try:  # POSIX advisory locking; without it (Windows) appends are simply not protected against a second writer
     import fcntl

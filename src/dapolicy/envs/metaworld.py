@@ -34,7 +34,8 @@ with warnings.catch_warnings():  # gymnasium/metaworld import-time deprecation c
     import metaworld.policies  # noqa: E402
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS  # noqa: E402
 
-from dapolicy.envs.base import EnvSpec, Observation, StepResult  # noqa: E402
+from dapolicy.envs.base import Observation, StepResult  # noqa: E402
+from dapolicy.spec import EnvSpec
 from dapolicy.envs.perturbations import OODConfig  # noqa: E402
 
 DEFAULT_CAMERAS: tuple[str, ...] = ("corner4", "gripperPOV")

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from dapolicy.envs.base import EnvSpec, Observation, StepResult
+from dapolicy.envs.base import Observation, StepResult
+from dapolicy.spec import EnvSpec
 from dapolicy.envs.experts.pusht_planner import (
     GOAL_POSE,
     SUCCESS_COVERAGE,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from dapolicy import __version__
 from dapolicy.configuration import from_dict, to_dict
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 from dapolicy.flow import extrapolate, flow_loss, interpolate, sample_tau, training_pair
 from dapolicy.nn.dit import LatentDynamicsDiT
 from dapolicy.nn.encoders import LatentPatchTokenizer, ResNetGN, random_shift

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dapolicy.envs.base import EnvSpec
+from dapolicy.spec import EnvSpec
 
 
 def env_frame(env_obs: Mapping[str, Any], spec: EnvSpec) -> dict[str, np.ndarray]:
