@@ -5,31 +5,32 @@ import json
 import pytest
 
 from dapolicy.configuration import from_dict, to_dict
-from dapolicy.policies.config import DAPConfig, get_config
+from dapolicy.policies import SIZES, get_method, make_config, method_names
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
-def test_named_configs_round_trip_through_json(name):
-    cfg = get_config(name)
-    back = from_dict(DAPConfig, json.loads(json.dumps(to_dict(cfg))))
+@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("size", SIZES)
+def test_named_configs_round_trip_through_json(method, size):
+    entry = get_method(method)
+    cfg = entry.config(size)
+    back = from_dict(entry.config_class, json.loads(json.dumps(to_dict(cfg))))
     assert back == cfg
-    assert isinstance(back.unet.down_dims, tuple)
 
 
 def test_unknown_key_is_named():
-    data = to_dict(get_config("tiny"))
+    data = to_dict(make_config("dap", "tiny"))
     data["unet"]["down_dimz"] = [1, 2]
     with pytest.raises(ValueError, match="down_dimz"):
-        from_dict(DAPConfig, data)
+        from_dict(get_method("dap").config_class, data)
 
 
-def test_fm_method_turns_off_the_prediction():
-    cfg = get_config("tiny", method="fm")
-    assert cfg.coupling == "off" and cfg.next_obs_mix.null == 1.0 and not cfg.uses_dynamics
+def test_fm_is_its_own_method_without_dynamics_fields():
+    fm = make_config("fm", "tiny")
+    assert not hasattr(fm, "dynamics") and not hasattr(fm, "next_obs_mix") and set(vars(fm.training)) == {"vae", "policy"}
 
 
 def test_invalid_values_raise():
     with pytest.raises(ValueError, match="coupling"):
-        get_config("tiny", coupling="sideways")
+        make_config("dap", "tiny", ["coupling=sideways"])
     with pytest.raises(ValueError, match="n_action_steps"):
-        get_config("tiny", n_action_steps=32)
+        make_config("dap", "tiny", ["n_action_steps=32"])

@@ -17,6 +17,8 @@ import torch
 from dapolicy import diagnose as dg
 from dapolicy.data.store import Episode, EpisodeStore
 from dapolicy.spec import EnvSpec
+from dapolicy.policies.base import Capabilities, ChunkPrediction
+from dapolicy.policies.coupling import COUPLING_MODES
 from dapolicy.policies.normalizer import MinMaxNormalizer
 
 SPEC = EnvSpec(name="synthetic", cameras=("front", "wrist"), image_size=16, action_dim=2, proprio_dim=3,
@@ -32,7 +34,10 @@ class TraceDouble:
         self.config = SimpleNamespace(n_obs_steps=2, horizon=4, n_action_steps=2, next_offset=2,
                                       uses_dynamics=dynamics, coupling="jacobi" if dynamics else "off",
                                       flow=SimpleNamespace(steps=4))
-        self.stages = ("vae", "dynamics", "policy") if dynamics else ("policy",)
+        self.method = "double"
+        self.capabilities = Capabilities(predicts_next_obs=dynamics, has_trace=True,
+                                         coupling_modes=COUPLING_MODES if dynamics else ())
+        self.n_obs_steps, self.horizon, self.n_action_steps, self.next_obs_offset = 2, 4, 2, 2
         self.action_normalizer = MinMaxNormalizer(SPEC.action_dim).fit(np.array([[-2.0, 0.0], [2.0, 10.0]]))
         self.calls: list[dict] = []
 
@@ -52,12 +57,9 @@ class TraceDouble:
         a1 = torch.full((b, self.config.horizon, SPEC.action_dim), 0.25)
         a_hat = torch.stack([w * a1 for w in weights])
         actions = self.action_normalizer.unnormalize(a_hat[-1]).numpy()
-        out = [actions]
-        if return_next:
-            out.append(self.decode_latents(z_hat[-1]).numpy() if self.config.uses_dynamics else None)
-        if return_trace:
-            out.append({"tau": taus, "z_hat": z_hat if self.config.uses_dynamics else None, "a_hat": a_hat})
-        return out[0] if len(out) == 1 else tuple(out)
+        dyn = self.config.uses_dynamics
+        return ChunkPrediction(actions, self.decode_latents(z_hat[-1]).numpy() if return_next and dyn else None,
+                               {"tau": taus, "z_hat": z_hat if dyn else None, "a_hat": a_hat} if return_trace else None)
 
 
 def make_store(path, n_expert: int = 10, n_random: int = 3, length: int = 12):
@@ -169,13 +171,13 @@ def test_cli(run_dir, monkeypatch, capsys):
 
 def test_untrained_tiny_dap_policy(run_dir):
     """The real DAPPolicy: trace layout, latent decoding and the normaliser as the contract gives them."""
-    from dapolicy.policies import DAPPolicy, get_config
+    from dapolicy.policies import make_config, make_policy
 
     run, _ = run_dir
     torch.manual_seed(0)
-    DAPPolicy(get_config("tiny"), SPEC).save_pretrained(run / "model")
+    make_policy("dap", SPEC, size="tiny").save_pretrained(run / "model")
     res = dg.diagnose(run / "model", windows=3, progress=False)  # a model folder inside a run also works
-    k = get_config("tiny").flow.steps
+    k = make_config("dap", "tiny").flow.steps
     assert len(res["tau"]) == k and set(res["psnr_vs_real"]) == set(SPEC.cameras)
     assert res["action_mse_vs_final"][-1] == pytest.approx(0.0, abs=1e-10)
     assert all(v == dg.PSNR_CAP_DB for v in (c[-1] for c in res["psnr_vs_final"].values()))

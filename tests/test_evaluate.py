@@ -18,7 +18,10 @@ import torch
 from PIL import Image
 
 from dapolicy import evaluate as ev
-from dapolicy.spec import EnvSpec, StepResult, make_env
+from dapolicy.policies.base import Capabilities, ChunkPrediction
+from dapolicy.policies.coupling import COUPLING_MODES
+from dapolicy.envs.base import StepResult, make_env
+from dapolicy.spec import EnvSpec
 
 SIZE = 32
 
@@ -33,7 +36,10 @@ class ExpertDouble:
         self.config = SimpleNamespace(n_obs_steps=n_obs, horizon=horizon, n_action_steps=n_action,
                                       next_offset=n_action, uses_dynamics=dynamics, coupling="jacobi",
                                       flow=SimpleNamespace(steps=3), method="double")
-        self.stages = ("vae", "dynamics", "policy") if dynamics else ("policy",)
+        self.method = "double"
+        self.capabilities = Capabilities(predicts_next_obs=dynamics, has_trace=False,
+                                         coupling_modes=COUPLING_MODES if dynamics else ())
+        self.n_obs_steps, self.horizon, self.n_action_steps, self.next_obs_offset = n_obs, horizon, n_action, n_action
         self.noise = noise
         self.env = None  # set by the env factory
         self.calls: list[dict] = []
@@ -47,10 +53,7 @@ class ExpertDouble:
         a = np.asarray(self.env.expert_action(), np.float32)
         chunk = np.repeat(a[None, None], self.config.horizon, axis=1)
         chunk = chunk + self.noise * torch.randn(chunk.shape).numpy()
-        out = [chunk.astype(np.float32)]
-        if return_next:
-            out.append(images[:, -1])
-        return out[0] if len(out) == 1 else tuple(out)
+        return ChunkPrediction(chunk.astype(np.float32), images[:, -1] if return_next else None)
 
 
 def double_factory(policy, seen: list | None = None):
@@ -262,10 +265,10 @@ def test_cli(tmp_path, monkeypatch, capsys):
 
 def test_untrained_tiny_dap_policy_from_run_folder(tmp_path, real_spec):
     """The real DAPPolicy through `from_pretrained`: loading, predicted frames in the video, modes."""
-    from dapolicy.policies import DAPPolicy, get_config
+    from dapolicy.policies import make_policy
 
     torch.manual_seed(0)
-    DAPPolicy(get_config("tiny"), real_spec).save_pretrained(tmp_path / "run" / "model")
+    make_policy("dap", real_spec, size="tiny").save_pretrained(tmp_path / "run" / "model")
     res = ev.evaluate(tmp_path / "run", episodes=2, videos=1, max_steps=5, progress=False)
     assert (tmp_path / "run" / "eval" / "none.json").is_file() and res["method"] == "dap"
     assert res["settings"]["model_dir"] == str(tmp_path / "run" / "model")

@@ -16,7 +16,7 @@ import torch
 from dapolicy.cli import main as cli_main
 from dapolicy.data.store import Episode, EpisodeStore
 from dapolicy.spec import EnvSpec
-from dapolicy.policies import DAPPolicy
+from dapolicy.policies import DAPPolicy, FMPolicy, load_pretrained
 from dapolicy.train import RunFolderError, TrainingDiverged, train
 from dapolicy.training.checkpoint import load_checkpoint
 from dapolicy.training.metrics import read_metrics
@@ -104,7 +104,7 @@ def test_saved_model_carries_ema_weights_and_predicts(reference: Path) -> None:
     assert float(policy.vae.latent_scale) != 1.0  # calibrated after the VAE stage
     assert bool(policy.action_normalizer.fitted)
     obs = {"images": np.zeros((1, 2, 2, 32, 32, 3), np.uint8), "proprio": np.zeros((1, 2, 3), np.float32)}
-    assert policy.predict_chunk(obs).shape == (1, 16, 2)
+    assert policy.predict_chunk(obs).actions.shape == (1, 16, 2)
 
 
 def test_resume_after_stop_is_bit_exact(reference: Path, store_dir: Path, tmp_path: Path) -> None:
@@ -199,7 +199,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(store_dir: Path, t
 def test_fm_method_has_no_dynamics_stage(store_dir: Path, tmp_path: Path) -> None:
     run = train(store_dir, tmp_path / "fm", method="fm", **{**FAST, "steps": 2})
     assert json.loads((run / "state.json").read_text())["stages_done"] == ["vae", "policy"]
-    assert DAPPolicy.from_pretrained(run / "model").dynamics is None
+    assert type(load_pretrained(run / "model")) is FMPolicy
 
 
 def test_cli(store_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

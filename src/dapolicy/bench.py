@@ -14,12 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from dapolicy.policies.config import COUPLING_MODES
+from dapolicy.policies.coupling import COUPLING_MODES
 
 
 def bench_modes(policy: Any, reps: int = 30, steps: int | None = None,
-                modes: tuple[str, ...] = COUPLING_MODES, seed: int = 0) -> dict[str, dict[str, float]]:
+                modes: tuple[str, ...] | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
     """Median/p90 ms per chunk for each mode on a random batch-1 observation; ratios to mode "off"."""
+    modes = modes if modes is not None else policy.capabilities.coupling_modes
+    if not modes:
+        raise ValueError(f"method {policy.method!r} has no coupling modes to compare")
     rng = np.random.default_rng(seed)
     cfg, spec = policy.config, policy.spec
     obs = {"images": rng.integers(0, 256, (1, cfg.n_obs_steps, len(spec.cameras), spec.image_size,

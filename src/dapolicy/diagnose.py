@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from dapolicy.evaluate import (ChunkDims, default_output_dir, load_policy, policy_config, to_numpy,
-                               unpack_prediction, uses_dynamics)
+from dapolicy.evaluate import ChunkDims, check_mode, default_output_dir, load_policy
+from dapolicy.policies.coupling import COUPLING_MODES
 from dapolicy.stats import psnr
 
 #: PSNR of identical images is infinite; this cap keeps curves finite (and JSON valid).
@@ -119,6 +119,11 @@ def choose_windows(n_frames: int, windows: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_frames, size=windows, replace=False)).astype(np.int64)
 
 
+def to_numpy(x: Any) -> np.ndarray:
+    """Tensor or array -> numpy array on the host."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
 # ----------------------------------------------------------------------------------------------- metrics
 def _normalized_actions(policy: Any, actions: np.ndarray) -> np.ndarray:
     """Env-unit actions -> the policy's normalised [-1, 1] units (its saved action normaliser)."""
@@ -158,13 +163,16 @@ def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32
 
     if policy is None:
         policy = load_policy(run_dir, device)
+    check_mode(policy, mode)
+    if not policy.capabilities.has_trace:
+        raise ValueError(f"method {policy.method!r} records no sampling trace: diagnose has nothing to plot")
     out = Path(out_dir) if out_dir is not None else default_output_dir(run_dir, "diagnose")
     data, val_ids, path = validation_episodes(run_dir, data_path, episodes)
     dims = ChunkDims.of(policy)
     sampler = WindowSampler(data.episode_ends, n_obs=dims.n_obs_steps, horizon=dims.horizon,
                             next_obs_offset=dims.next_obs_offset)
     ids = choose_windows(len(sampler), windows, seed)
-    with_frames = uses_dynamics(policy) and mode != "off"
+    with_frames = policy.capabilities.predicts_next_obs and mode != "off"
     kwargs: dict[str, Any] = {k: v for k, v in (("mode", mode), ("steps", flow_steps)) if v is not None}
 
     torch.manual_seed(seed)
@@ -176,8 +184,8 @@ def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32
         batch = sampler.gather(data.arrays(), ids[start:start + batch_size])
         obs = {"images": batch["images"], "proprio": batch["proprio"]}
         with torch.no_grad():
-            result = policy.predict_chunk(obs, return_next=with_frames, return_trace=True, **kwargs)
-        _, final_frames, trace = unpack_prediction(result, with_frames, True)
+            pred = policy.predict_chunk(obs, return_next=with_frames, return_trace=True, **kwargs)
+        final_frames, trace = pred.next_frames, pred.trace
         taus = [float(t) for t in trace["tau"]]
         a_hat = to_numpy(trace["a_hat"]).astype(np.float64)  # [K, B, H, A], normalised
         demo = _normalized_actions(policy, batch["action"])
@@ -204,7 +212,7 @@ def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32
         "n_windows": int(len(ids)),
         "val_episodes": val_ids,
         "data": path,
-        "settings": {"mode": mode or getattr(policy_config(policy), "coupling", None),
+        "settings": {"mode": mode or getattr(policy.config, "coupling", None),
                      "flow_steps": flow_steps or len(taus), "seed": seed, **asdict(dims)},
         "action_mse_vs_final": np.concatenate(mse_final, axis=1).mean(axis=1).tolist(),
         "action_mse_vs_demo": np.concatenate(mse_demo, axis=1).mean(axis=1).tolist(),
@@ -310,7 +318,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=32, help="number of validation windows (default 32)")
     parser.add_argument("--out", default=None, help="output folder (default RUN/diagnose)")
     parser.add_argument("--data", default=None, help="episode store (default: the run's training data)")
-    parser.add_argument("--mode", default=None, choices=["jacobi", "gauss_seidel", "predict_then_act", "off"],
+    parser.add_argument("--mode", default=None, choices=COUPLING_MODES,
                         help="coupling mode (default: the model's)")
     parser.add_argument("--flow-steps", type=int, default=None, help="flow steps K (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the window choice and the sampling noise")

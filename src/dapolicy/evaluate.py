@@ -26,29 +26,18 @@ import numpy as np
 from dapolicy.envs.base import Env, make_env
 from dapolicy.spec import EnvSpec
 from dapolicy.envs.perturbations import OOD_KINDS, OODConfig
+from dapolicy.policies.registry import MODEL_SUBDIR, resolve_model_dir
+from dapolicy.policies.coupling import COUPLING_MODES
 from dapolicy.policies.receding import RecedingHorizon, env_frame
 from dapolicy.stats import latency_summary, wilson_interval
 
 DEFAULT_SEED = 100_000
 OOD_SUITE: tuple[str, ...] = ("none", *OOD_KINDS)
-MODES: tuple[str, ...] = ("jacobi", "gauss_seidel", "predict_then_act", "off")
-MODEL_SUBDIR = "model"
 
 EnvFactory = Callable[..., Env]
 
 
 # ----------------------------------------------------------------------------------------------- policy access
-def resolve_model_dir(path: str | Path) -> Path:
-    """A run folder (holding `model/`) or a model folder directly -> the model folder."""
-    path = Path(path)
-    if (path / MODEL_SUBDIR / "config.json").is_file():
-        return path / MODEL_SUBDIR
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return path
-    raise FileNotFoundError(f"{path} holds no saved model (expected {path / MODEL_SUBDIR}/config.json "
-                            "or a model folder with config.json and model.safetensors)")
-
-
 def default_output_dir(path: str | Path, subdir: str) -> Path:
     """Where results of `path` go: RUN/<subdir> for a run folder; next to a model folder otherwise.
 
@@ -61,36 +50,21 @@ def default_output_dir(path: str | Path, subdir: str) -> Path:
 
 
 def resolve_device(device: str | None) -> str:
-    """'auto' (or None) -> 'cuda' when a GPU is visible, else 'cpu'; anything else is passed through."""
-    if device in (None, "auto"):
-        import torch
+    """'auto' (or None) -> 'cuda' when a GPU is visible, else 'cpu'; a CUDA device without a GPU is an error."""
+    import torch
 
+    if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for but no CUDA device is available (use cpu or auto)")
     return device
 
 
 def load_policy(path: str | Path, device: str | None = "cpu") -> Any:
-    """Load the saved policy of a run (or model folder) in eval mode, on `device` ('auto' picks a GPU).
+    """Load the saved policy of a run (or model folder), any method, in eval mode on `device`."""
+    from dapolicy.policies.registry import load_pretrained
 
-    Uses `dapolicy.policies.load_pretrained` when the package offers a class-dispatching loader (baselines
-    are other classes), else `DAPPolicy.from_pretrained`.
-    """
-    import dapolicy.policies as policies
-
-    model_dir = resolve_model_dir(path)
-    loader = getattr(policies, "load_pretrained", None)
-    policy = loader(model_dir) if loader is not None else policies.DAPPolicy.from_pretrained(model_dir)
-    if hasattr(policy, "to"):
-        policy = policy.to(resolve_device(device))
-    if hasattr(policy, "eval"):
-        policy.eval()
-    return policy
-
-
-def policy_config(policy: Any) -> Any:
-    """The policy's config dataclass (`policy.config`, or `policy.cfg`)."""
-    cfg = getattr(policy, "config", None)
-    return cfg if cfg is not None else getattr(policy, "cfg")
+    return load_pretrained(path, map_location=resolve_device(device)).eval()
 
 
 @dataclass(frozen=True)
@@ -104,42 +78,15 @@ class ChunkDims:
 
     @classmethod
     def of(cls, policy: Any) -> "ChunkDims":
-        cfg = policy_config(policy)
-        k = getattr(cfg, "next_offset", None) or getattr(cfg, "next_obs_offset", None) or cfg.n_action_steps
-        return cls(int(cfg.n_obs_steps), int(cfg.horizon), int(cfg.n_action_steps), int(k))
+        return cls(policy.n_obs_steps, policy.horizon, policy.n_action_steps, policy.next_obs_offset)
 
 
-def uses_dynamics(policy: Any) -> bool:
-    """Whether the policy has a dynamics model that can predict next frames (DAP yes, FM and baselines no)."""
-    cfg = policy_config(policy)
-    flag = getattr(cfg, "uses_dynamics", None)
-    if flag is not None:
-        return bool(flag)
-    return "dynamics" in tuple(getattr(policy, "stages", ()))
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    """Tensor or array -> numpy array on the host."""
-    if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def unpack_prediction(out: Any, return_next: bool, return_trace: bool) -> tuple[Any, Any, Any]:
-    """`predict_chunk`'s result -> (actions, next_frames | None, trace | None).
-
-    The contract returns `actions`, or a tuple `(actions, [next_frames,] [trace])` in that order.
-    """
-    if not (return_next or return_trace):
-        return (out[0] if isinstance(out, tuple) else out), None, None
-    if not isinstance(out, tuple):
-        raise TypeError("predict_chunk(return_next/return_trace=True) must return a tuple "
-                        f"(actions, [next_frames], [trace]), got {type(out).__name__}")
-    items = list(out)
-    actions = items.pop(0)
-    next_frames = items.pop(0) if return_next and items else None
-    trace = items.pop(0) if return_trace and items else None
-    return actions, next_frames, trace
+def check_mode(policy: Any, mode: str | None) -> None:
+    """A clear error when `mode` is not one of the method's generation modes."""
+    modes = policy.capabilities.coupling_modes
+    if mode is not None and mode not in modes:
+        raise ValueError(f"method {policy.method!r} has no coupling mode {mode!r}"
+                         + (f" (modes: {', '.join(modes)})" if modes else " (it has no dynamics model to couple)"))
 
 
 def _sync_device() -> None:
@@ -165,7 +112,7 @@ class RecedingHorizonController:
         self.dims = ChunkDims.of(policy)
         self.mode = mode
         self.steps = steps
-        self.can_predict_next = uses_dynamics(policy) and mode != "off"
+        self.can_predict_next = policy.capabilities.predicts_next_obs and mode != "off"
         self.latencies: list[tuple[float, bool]] = []  # (ms, included next-frame decoding)
         self.last_next_frames: np.ndarray | None = None  # uint8 [C, S, S, 3] from the last re-plan
         self.reset()
@@ -193,15 +140,14 @@ class RecedingHorizonController:
         _sync_device()
         start = time.perf_counter()
         with torch.no_grad():
-            out = self.policy.predict_chunk(obs, return_next=want_next, **kwargs)
-        actions, next_frames, _ = unpack_prediction(out, want_next, False)
-        actions = to_numpy(actions)
+            pred = self.policy.predict_chunk(obs, return_next=want_next, **kwargs)
+        actions, next_frames = pred.actions, pred.next_frames
         _sync_device()
         elapsed_ms = (time.perf_counter() - start) * 1e3
         if timed:
             self.latencies.append((elapsed_ms, want_next))
         if next_frames is not None:
-            self.last_next_frames = to_numpy(next_frames)[0]
+            self.last_next_frames = next_frames[0]
         return actions[0]
 
     def act(self, env_obs: dict[str, Any], want_next: bool = False) -> np.ndarray:
@@ -339,13 +285,12 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
     """
     ood = normalize_ood(ood)
     env_factory = env_factory or make_env
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     out = Path(out_dir) if out_dir is not None else default_output_dir(run_dir, "eval")
     if policy is None:
         policy = load_policy(run_dir, device)
+    check_mode(policy, mode)
     if ood == "all":
         return _evaluate_all(run_dir, episodes, seed, env, videos, mode, flow_steps, max_steps, out, policy,
                              env_factory, progress)
@@ -370,14 +315,14 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
 
     records = rollouts.episodes
     n_success = sum(r["success"] for r in records)
-    cfg = policy_config(policy)
+    cfg = policy.config
     dims = ChunkDims.of(policy)
     flow_cfg = getattr(cfg, "flow", None)
     result = {
         "name": name,
         "env": env_name,
         "ood": ood,
-        "method": getattr(cfg, "method", type(policy).__name__),
+        "method": policy.method,
         "n_episodes": len(records),
         "n_success": n_success,
         "success_rate": n_success / len(records),
@@ -465,7 +410,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"episode i uses env seed SEED+i (default {DEFAULT_SEED}, disjoint from training)")
     parser.add_argument("--env", default=None, help="task name (default: the one the model was trained on)")
     parser.add_argument("--videos", type=int, default=3, help="write videos of the first K episodes (default 3)")
-    parser.add_argument("--mode", default=None, choices=MODES,
+    parser.add_argument("--mode", default=None, choices=COUPLING_MODES,
                         help="coupling mode (default: the model's); 'off' = no dynamics model")
     parser.add_argument("--flow-steps", type=int, default=None, help="flow steps K (default: the model's)")
     parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the task's)")

@@ -163,13 +163,15 @@ def render_report(out: Path, summary: dict[str, Any], results: dict[str, Any], d
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    from dapolicy.policies.registry import SIZES, method_names
+
     d = QuickstartConfig()
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     p.add_argument("--env", default=d.env, help=f"task (default {d.env})")
     p.add_argument("--expert-episodes", type=int, default=d.expert_episodes)
     p.add_argument("--random-episodes", type=int, default=d.random_episodes)
-    p.add_argument("--config", default=d.config, help="model configuration: tiny | small | paper")
-    p.add_argument("--method", default=d.method, choices=["dap", "fm"])
+    p.add_argument("--config", default=d.config, choices=SIZES, help="model size (default small)")
+    p.add_argument("--method", default=d.method, choices=method_names(), help="method (default dap)")
     p.add_argument("--steps", default=d.steps, help=f"optimizer steps per stage (default {d.steps})")
     p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="episodes per evaluation suite")
     p.add_argument("--image-size", type=int, default=d.image_size)

@@ -1,12 +1,14 @@
-"""`dap train`: train a policy's stages (for DAP: VAE, dynamics model, then policy) into a run folder.
+"""`dap train`: train any registered method's stages (for DAP: VAE, dynamics model, policy) into a run folder.
 
     dap train --data runs/data --out runs/dap --config small
     dap train --data runs/data --out runs/dap --resume                  # continue a killed run, bit-exact
     dap train --data runs/data --out runs/dap --stage policy --steps 3000   # retrain one stage
     dap train --data runs/data --out runs/fm --method fm --steps vae=900,policy=2200
+    dap train --data runs/data --out runs/gt --init-from runs/dap --stage policy --set next_obs_mix.ground_truth=1 \
+        --set next_obs_mix.dynamics=0 --set next_obs_mix.null=0     # an ablation: reuse VAE + dynamics
 
 Python: `train(data_dir, out_dir, method="dap", config="small") -> Path` (the run folder; its `model/`
-loads with `DAPPolicy.from_pretrained`). The run folder layout is described in `training/rundir.py`.
+loads with `dapolicy.policies.load_pretrained`). The run folder layout is described in `training/rundir.py`.
 """
 
 from __future__ import annotations
@@ -15,23 +17,20 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from dapolicy import __version__
-from dapolicy.training.config import STAGES, TrainConfig, auto_threads, parse_steps
+from dapolicy.training.config import TrainConfig, auto_threads, parse_steps
 from dapolicy.training.loop import TrainingDiverged
 from dapolicy.training.rundir import RunDir, RunFolderError
 from dapolicy.training.trainer import Trainer, TrainRequest, environment_info
 
 __all__ = ["TrainConfig", "TrainingDiverged", "RunFolderError", "train", "configure_parser", "run"]
 
-METHODS = ("dap", "fm")
-CONFIGS = ("tiny", "small", "paper")
 
-
-def _parse_stages(stage: str | Sequence[str] | None) -> tuple[str, ...] | None:
+def _parse_stages(stage: str | Sequence[str] | None, known: tuple[str, ...]) -> tuple[str, ...] | None:
     """"all" / None -> None (every stage); "dynamics,policy" or a sequence -> those stages."""
     if stage is None:
         return None
@@ -39,28 +38,22 @@ def _parse_stages(stage: str | Sequence[str] | None) -> tuple[str, ...] | None:
     names = [n.strip() for n in names if n.strip()]
     if names in ([], ["all"]):
         return None
-    bad = [n for n in names if n not in STAGES]
+    bad = [n for n in names if n not in known]
     if bad:
-        raise ValueError(f"unknown stage(s) {bad}: expected 'all' or a comma list of {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage(s) {bad}: expected 'all' or a comma list of {', '.join(known)}")
     return tuple(names)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device (auto, cpu, cuda or cuda:N): {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available")
     return device
-
-
-def _default_factory(method: str, config: str) -> Callable[[Any], Any]:
-    def build(spec: Any) -> Any:
-        from dapolicy.policies import DAPPolicy, get_config
-
-        return DAPPolicy(get_config(config, method=method), spec)
-
-    return build
 
 
 def _clear_run(run: RunDir) -> None:
@@ -73,55 +66,70 @@ def _clear_run(run: RunDir) -> None:
 
 def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, config: str | None = None,
           stage: str | Sequence[str] | None = "all", steps: int | str | dict[str, int] | None = None,
-          seed: int | None = None, resume: bool = False, *, batch_size: int | str | dict[str, int] | None = None,
-          lr: float | None = None, device: str | torch.device | None = "auto", threads: int | None = None,
-          logger: str | None = None, progress: bool | None = None, use_best: bool | None = None,
-          amp: bool | None = None, stop_after: int | None = None, overwrite: bool = False,
-          train_config: TrainConfig | None = None,
+          seed: int | None = None, resume: bool = False, *, overrides: Iterable[str] | Mapping[str, Any] | None = None,
+          config_file: str | Path | None = None, init_from: str | Path | None = None,
+          batch_size: int | str | dict[str, int] | None = None, lr: float | None = None,
+          device: str | torch.device | None = "auto", threads: int | None = None, logger: str | None = None,
+          progress: bool | None = None, use_best: bool | None = None, amp: bool | None = None,
+          stop_after: int | None = None, overwrite: bool = False, train_config: TrainConfig | None = None,
           policy_factory: Callable[[Any], Any] | None = None) -> Path:
     """Train a policy on the episode store in `data_dir`; returns the run folder `out_dir`.
 
-    method, config: "dap" | "fm" and "tiny" | "small" | "paper" (default: those of the run being resumed or
-        extended, else "dap" and "small"). seed: default 0 (or the stored one).
+    method, config: a registered method ("dap", "fm", ...; `dap info` lists them) and a named size ("tiny",
+        "small", "paper"). Default: those of the run being resumed or extended, else "dap" and "small".
+    overrides: config fields by dotted name (["flow.steps=5", "next_obs_mix.null=0.2"] or a dict), applied
+        after `config_file` (JSON/TOML of fields). Only for a new run: an existing run keeps its config.
+    init_from: a run or model folder; the stages before the first trained one are copied from it (weights
+        and normalisers) instead of trained. With it, `stage` defaults to the last stage.
     stage: "all", one stage, or a list; a later stage alone loads the earlier stages from `out_dir/model`.
-    steps: N for every selected stage, "vae=900,policy=2200", or a dict; merged over the preset budgets.
+    steps / batch_size / lr: per-stage budgets over the method's presets (N for every selected stage,
+        "vae=900,policy=2200", or a dict).
     resume: continue the run in `out_dir` from `checkpoints/last.pt` (finished stages are skipped). The
         result is bit-identical to an uninterrupted run with the same seed, device and thread count.
-    stop_after: stop cleanly after this many optimizer steps in this call (checkpoint written), e.g. for a
-        job scheduler's time slice; continue with resume=True.
+    stop_after: stop cleanly after this many optimizer steps in this call (checkpoint written); continue
+        with resume=True.
     overwrite: start over in an `out_dir` that already holds a run (deletes its checkpoints and model).
-    train_config: a full TrainConfig to start from instead of the preset; the keyword overrides still apply.
-    policy_factory: build the policy from the EnvSpec (default: `DAPPolicy(get_config(config, method))`);
-        any object with the policy contract of docs/architecture.md can be trained.
+    train_config: a full TrainConfig to start from instead of the size's defaults.
+    policy_factory: build the policy from the EnvSpec instead of the registry (any `Policy` works).
     Raises TrainingDiverged (loss became NaN/inf), RunFolderError, StoreError, ValueError.
     """
     from dapolicy.data.store import EpisodeStore
+    from dapolicy.policies.registry import SIZES, get_method, make_config
+    from dapolicy.training.checkpoint import seed_everything
 
     store = EpisodeStore.open(data_dir)  # fails before anything is written to out_dir
     run = RunDir(Path(out_dir))
     with run.lock():  # one trainer per run folder
-        stages = _parse_stages(stage)
-        stored = _check_run_folder(run, method, config, seed, stages, resume, overwrite)
+        all_stages = stage is None or (isinstance(stage, str) and stage.strip() in ("", "all"))
+        stored = _check_run_folder(run, method, config, seed, all_stages and init_from is None, resume, overwrite)
         method = method or (stored or {}).get("method", "dap")
         config = config or (stored or {}).get("config", "small")
         seed = seed if seed is not None else (stored or {}).get("seed", 0)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if config not in CONFIGS:
-            raise ValueError(f"config must be one of {CONFIGS}, got {config!r}")
+        entry = get_method(method)
+        if config not in SIZES:
+            raise ValueError(f"config must be one of {SIZES}, got {config!r}")
+        policy_config = _policy_config(entry, config, stored, overrides, config_file, run)
+        seed_everything(seed)
+        init = policy_factory(store.spec) if policy_factory else entry.policy_class(policy_config, store.spec)
+        names = tuple(init.stage_names)
+        stages = _parse_stages(stage, names)
+        if init_from is not None and stages is None and not (stored or {}).get("init_from"):
+            stages = names[-1:]
         base = train_config or (TrainConfig.from_dict(stored["train"]) if stored and "train" in stored
                                 else TrainConfig.preset(config))
-        cfg = _apply_overrides(base, stages or STAGES, steps=steps, batch_size=batch_size, lr=lr, threads=threads,
-                               logger=logger, progress=progress, use_best=use_best, amp=amp)
+        cfg = _apply_overrides(base, stages or names, names, steps=steps, batch_size=batch_size, lr=lr,
+                               threads=threads, logger=logger, progress=progress, use_best=use_best, amp=amp)
         dev = _resolve_device(device)
         data_path = Path(data_dir).resolve()
         if stored is not None and stored.get("data") not in (None, str(data_path)):
             print(f"[dap train] note: {run.root} was trained on {stored['data']}, now {data_path}", file=sys.stderr)
+        source = Path(init_from).resolve() if init_from is not None else None
         request = TrainRequest(data_dir=data_path, run=run, method=method, config=config, stages=stages, seed=seed,
-                               resume=resume, device=dev, stop_after=stop_after)
+                               resume=resume, device=dev, stop_after=stop_after, init_from=source)
         run_config = {"method": method, "config": config, "seed": seed, "data": str(data_path),
-                      "train": cfg.to_dict(), "dapolicy_version": __version__, "environment": environment_info(dev)}
-        trainer = Trainer(request, cfg, policy_factory or _default_factory(method, config), run_config, store)
+                      "train": cfg.to_dict(), "dapolicy_version": __version__, "environment": environment_info(dev),
+                      "init_from": str(source) if source else (stored or {}).get("init_from")}
+        trainer = Trainer(request, cfg, init, run_config, store)
         threads_before = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         try:
@@ -130,8 +138,33 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
             torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
 
 
-def _check_run_folder(run: RunDir, method: str | None, config: str | None, seed: int | None,
-                      stages: tuple[str, ...] | None, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+def _policy_config(entry: Any, size: str, stored: dict[str, Any] | None, overrides: Any, config_file: Any,
+                   run: RunDir) -> Any:
+    """The method config of this run: the stored one for an existing run (which `--set` may not change,
+    except the training budgets), else the named size with the file's and the command line's fields."""
+    from dapolicy.configuration import from_dict
+    from dapolicy.overrides import apply_overrides, differences, load_config_file
+    from dapolicy.policies.registry import make_config
+
+    fresh = make_config(entry.name, size, overrides, config_file)
+    if not stored or stored.get("policy") is None:
+        return fresh
+    kept = from_dict(entry.config_class, stored["policy"], f"{run.config}: policy")
+    if overrides is None and config_file is None:
+        return kept
+    requested = apply_overrides(kept, load_config_file(config_file), "config") if config_file else kept
+    requested = apply_overrides(requested, overrides, "config")
+    changed = differences(kept, requested, ignore=("training.",))
+    if changed:
+        raise RunFolderError(
+            f"{run.root} was trained with other settings ({', '.join(changed[:4])}); a finished stage would "
+            f"silently keep the old ones. Start a new run that reuses its trained stages instead: "
+            f"dap train --data DATA --out NEW --init-from {run.root} --stage STAGE --set ...")
+    return requested
+
+
+def _check_run_folder(run: RunDir, method: str | None, config: str | None, seed: int | None, all_stages: bool,
+                      resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """Refuse calls that would mix two runs in one folder; return the stored run configuration (or None)."""
     stored, state = run.read_config(), run.read_state()
     if overwrite and resume:
@@ -147,20 +180,20 @@ def _check_run_folder(run: RunDir, method: str | None, config: str | None, seed:
                                  f"choose another --out, or --overwrite")
     if resume and seed is not None and seed != stored["seed"]:
         raise RunFolderError(f"{run.root} was trained with seed {stored['seed']}, not {seed}")
-    if not resume and stages is None and (state["stages_done"] or run.last.exists()):
+    if not resume and all_stages and (state["stages_done"] or run.last.exists()):
         raise RunFolderError(f"{run.root} already holds a training run: pass --resume to continue it, "
                              f"--overwrite to start over, or choose another --out")
     return stored
 
 
-def _apply_overrides(cfg: TrainConfig, chosen: Sequence[str], steps: Any, batch_size: Any, lr: float | None,
-                     **plain: Any) -> TrainConfig:
+def _apply_overrides(cfg: TrainConfig, chosen: Sequence[str], known: tuple[str, ...], steps: Any, batch_size: Any,
+                     lr: float | None, **plain: Any) -> TrainConfig:
     """Command-line style overrides on a TrainConfig; per-stage ones touch only the `chosen` stages."""
     cfg = cfg.with_overrides(**plain)
-    batches = parse_steps(batch_size, tuple(chosen), what="--batch-size")
+    batches = parse_steps(batch_size, tuple(chosen), what="--batch-size", known=known)
     if any(n < 1 for n in batches.values()):
         raise ValueError(f"--batch-size must be >= 1, got {batch_size!r}")
-    budgets = parse_steps(steps, tuple(chosen))
+    budgets = parse_steps(steps, tuple(chosen), known=known)
     cfg = cfg.with_overrides(stage_batch_size={**cfg.stage_batch_size, **batches}, steps={**cfg.steps, **budgets})
     if lr is not None:
         cfg = cfg.with_overrides(lr={**cfg.lr, **{s: float(lr) for s in chosen}})
@@ -173,8 +206,19 @@ def _apply_overrides(cfg: TrainConfig, chosen: Sequence[str], steps: Any, batch_
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="episode store (a `dap collect` output folder)")
     parser.add_argument("--out", required=True, help="run folder (config, metrics, plots, checkpoints, model)")
-    parser.add_argument("--method", choices=METHODS, default=None, help="dap (default) or fm (no dynamics model)")
-    parser.add_argument("--config", choices=CONFIGS, default=None, help="model size (default: small)")
+    from dapolicy.policies.registry import SIZES, method_names
+
+    parser.add_argument("--method", choices=method_names(), default=None,
+                        help="method (default: dap, or the stored one of an existing run); `dap info` lists them")
+    parser.add_argument("--config", choices=SIZES, default=None, help="model size (default: small)")
+    parser.add_argument("--set", dest="overrides", action="append", default=None, metavar="NAME=VALUE",
+                        help="set any config field by dotted name, e.g. --set flow.steps=5 --set "
+                             "next_obs_mix.null=0.2 (repeatable; `dap info --fields` lists them)")
+    parser.add_argument("--config-file", default=None,
+                        help="JSON or TOML file of config fields (applied before --set)")
+    parser.add_argument("--init-from", default=None, metavar="RUN",
+                        help="start from another run's (or model folder's) trained stages: the stages before "
+                             "the first one trained here are copied (default --stage: the last stage only)")
     parser.add_argument("--stage", default="all",
                         help="all (default), or one/several of vae,dynamics,policy (comma separated); a later "
                              "stage alone loads the earlier ones from OUT/model")
@@ -206,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = train(args.data, args.out, method=args.method, config=args.config, stage=args.stage,
+                    overrides=args.overrides, config_file=args.config_file, init_from=args.init_from,
                     steps=args.steps, seed=args.seed, resume=args.resume, batch_size=args.batch_size,
                     lr=args.lr, device=args.device, threads=args.threads, logger=args.logger,
                     progress=args.progress, use_best=args.use_best, amp=args.amp, stop_after=args.stop_after,

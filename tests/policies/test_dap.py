@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dapolicy.spec import EnvSpec
-from dapolicy.policies import DAPPolicy, get_config
+from dapolicy.policies import DAPPolicy, load_pretrained, make_config, make_policy
 
 SPEC = EnvSpec(name="test", cameras=("a", "b"), image_size=32, action_dim=3, proprio_dim=2, max_steps=10,
                action_low=(-1, -1, -1), action_high=(1, 1, 1))
@@ -20,9 +20,9 @@ def _randomise(module: nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def _policy(method="dap", **overrides) -> DAPPolicy:
+def _policy(method="dap", **overrides):
     torch.manual_seed(0)
-    policy = DAPPolicy(get_config("tiny", method=method, **overrides), SPEC)
+    policy = make_policy(method, SPEC, make_config(method, "tiny", overrides))
     _randomise(policy)
     return policy.eval()
 
@@ -76,7 +76,8 @@ def test_changing_the_predicted_next_observation_changes_the_policy_output():
 @pytest.mark.parametrize("mode", ["jacobi", "gauss_seidel", "predict_then_act", "off"])
 def test_every_coupling_mode_runs_batched(mode):
     policy = _policy()
-    actions, frames, trace = policy.predict_chunk(_obs(3), return_next=True, mode=mode, return_trace=True)
+    pred = policy.predict_chunk(_obs(3), return_next=True, mode=mode, return_trace=True)
+    actions, frames, trace = pred.actions, pred.next_frames, pred.trace
     assert actions.shape == (3, 16, 3) and np.isfinite(actions).all()
     assert trace["a_hat"].shape == (4, 3, 16, 3)  # K = 4 steps in the tiny config
     if mode == "off":
@@ -90,11 +91,11 @@ def test_batch_elements_are_independent():
     policy = _policy()
     obs = _obs(3)
     torch.manual_seed(1)
-    full = policy.predict_chunk(obs)
+    full = policy.predict_chunk(obs).actions
     obs2 = {k: v.copy() for k, v in obs.items()}
     obs2["images"][2] = 255 - obs2["images"][2]
     torch.manual_seed(1)
-    changed = policy.predict_chunk(obs2)
+    changed = policy.predict_chunk(obs2).actions
     assert np.allclose(full[:2], changed[:2], atol=1e-5)
     assert not np.allclose(full[2], changed[2])
 
@@ -102,9 +103,9 @@ def test_batch_elements_are_independent():
 def test_coupled_actions_differ_from_the_plain_policy():
     policy = _policy()
     torch.manual_seed(3)
-    coupled = policy.predict_chunk(_obs(2), mode="jacobi")
+    coupled = policy.predict_chunk(_obs(2), mode="jacobi").actions
     torch.manual_seed(3)
-    plain = policy.predict_chunk(_obs(2), mode="off")
+    plain = policy.predict_chunk(_obs(2), mode="off").actions
     assert not np.allclose(coupled, plain)
 
 
@@ -113,10 +114,11 @@ def test_save_and_load_give_identical_actions(tmp_path):
     data = type("D", (), {"action": np.random.rand(50, 3) * 4 - 2, "proprio": np.random.rand(50, 2)})
     policy.fit_normalizer(data)
     policy.save_pretrained(tmp_path / "model")
-    loaded = DAPPolicy.from_pretrained(tmp_path / "model")
+    loaded = load_pretrained(tmp_path / "model")
+    assert type(loaded) is DAPPolicy
     for p in (policy, loaded):
         torch.manual_seed(7)
-        p._out = p.predict_chunk(_obs(2))
+        p._out = p.predict_chunk(_obs(2)).actions
     np.testing.assert_array_equal(policy._out, loaded._out)
     assert loaded.config == policy.config and loaded.spec == policy.spec
 
@@ -175,19 +177,19 @@ def test_select_action_executes_n_action_steps_then_replans():
 def test_losses_are_finite_and_backpropagate(method, encoder):
     policy = _policy(method, obs_encoder=encoder).train()
     batch = _batch(4)
-    for stage in policy.stages:
+    for stage in policy.stage_names:
         loss = policy.compute_loss(batch if stage != "vae" else {"images": batch["images"][:, -1]}, stage)["loss"]
         assert torch.isfinite(loss)
         loss.backward()
         grads = [p.grad for p in policy.stage_module(stage).parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert ("dynamics" in policy.stages) == (method == "dap")
+    assert ("dynamics" in policy.stage_names) == (method == "dap")
 
 
 def test_named_configs_build_and_paper_is_paper_sized():
     from dapolicy.info import default_spec
 
-    counts = {name: DAPPolicy(get_config(name), default_spec()).parameter_counts()["total"]
+    counts = {name: make_policy("dap", default_spec(), size=name).parameter_counts()["total"]
               for name in ("tiny", "small")}
     assert counts["tiny"] < 1_000_000 < counts["small"] < 30_000_000
 
@@ -197,5 +199,5 @@ def test_paper_config_has_paper_scale_parameter_count():
     from dapolicy.info import default_spec
 
     with torch.device("meta"):  # counts shapes without allocating 1.4 GB
-        counts = DAPPolicy(get_config("paper"), default_spec()).parameter_counts()
+        counts = make_policy("dap", default_spec(), size="paper").parameter_counts()
     assert 330e6 <= counts["total"] <= 410e6, counts

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from dapolicy.spec import EnvSpec
-from dapolicy.policies import DAPPolicy, get_config
+from dapolicy.policies import DAPPolicy, make_policy
 
 SPEC = EnvSpec(name="square", cameras=("top",), image_size=32, action_dim=2, proprio_dim=2, max_steps=50)
 CENTER = np.array([0.5, 0.5], dtype=np.float32)
@@ -59,13 +59,13 @@ def _train(policy: DAPPolicy, data: dict, stage: str, steps: int, lr: float, rng
 def test_vae_dynamics_and_policy_learn_and_coupled_sampler_reproduces_demos():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    policy = DAPPolicy(get_config("tiny"), SPEC)
+    policy = make_policy("dap", SPEC, size="tiny")
     data = _dataset(np.random.default_rng(1), 256)
     policy.fit_normalizer(type("D", (), {"action": data["action"].numpy().reshape(-1, 2),
                                          "proprio": data["proprio"].numpy().reshape(-1, 2)}))
 
     vae_losses = _train(policy, data, "vae", 150, 3e-3, rng)
-    policy.calibrate_latent_scale(data["images"][:, -1])
+    policy.after_stage("vae", data["images"][:, -1].numpy())
     data["latents"] = policy.encode_latents(data["images"])  # cached once, as the trainer does
     data["next_latents"] = policy.encode_latents(data["next_images"])
     dyn_losses = _train(policy, data, "dynamics", 150, 3e-3, rng)
@@ -77,7 +77,7 @@ def test_vae_dynamics_and_policy_learn_and_coupled_sampler_reproduces_demos():
 
     test = _dataset(np.random.default_rng(2), 64)
     torch.manual_seed(0)
-    actions = policy.predict_chunk({"images": test["images"], "proprio": test["proprio"]}, mode="jacobi")
+    actions = policy.predict_chunk({"images": test["images"], "proprio": test["proprio"]}, mode="jacobi").actions
     target = test["action"].numpy()
     span = policy.action_normalizer.high - policy.action_normalizer.low
     err = np.abs(actions - target).mean() / span.mean().item()

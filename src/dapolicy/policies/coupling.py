@@ -16,6 +16,9 @@ from dapolicy.flow import euler_step, extrapolate, time_grid
 
 VelocityFn = Callable[[Tensor, float, "Tensor | None"], Tensor]
 
+#: Generation modes of a coupled policy; the first is the default.
+COUPLING_MODES: tuple[str, ...] = ("jacobi", "gauss_seidel", "predict_then_act", "off")
+
 
 @dataclass
 class CouplingTrace:
@@ -31,6 +34,13 @@ class CouplingTrace:
             self.z_hat.append(z_hat.detach())
         self.a_hat.append(a_hat.detach())
 
+    def as_dict(self) -> dict:
+        """{"tau": [K], "z_hat": [K, ...] or None, "a_hat": [K, ...]} on the CPU (normalised units)."""
+        import torch
+
+        return {"tau": list(self.taus), "z_hat": torch.stack(self.z_hat).cpu() if self.z_hat else None,
+                "a_hat": torch.stack(self.a_hat).cpu()}
+
 
 def coupled_generation(dynamics_velocity: VelocityFn, policy_velocity: VelocityFn, z_noise: Tensor,
                        a_noise: Tensor, steps: int, mode: str = "jacobi",
@@ -44,12 +54,12 @@ def coupled_generation(dynamics_velocity: VelocityFn, policy_velocity: VelocityF
     Returns (actions, next latents); the latents are None in mode "off".
     """
     if mode == "off":
-        return _policy_only(policy_velocity, a_noise, steps, None, trace), None
+        return sample_policy(policy_velocity, a_noise, steps, None, trace), None
     if mode == "predict_then_act":
         z = z_noise
         for tau in time_grid(steps):
             z = euler_step(z, dynamics_velocity(z, tau, None), 1.0 / steps)
-        return _policy_only(policy_velocity, a_noise, steps, z, trace), z
+        return sample_policy(policy_velocity, a_noise, steps, z, trace), z
     if mode not in ("jacobi", "gauss_seidel"):
         raise ValueError(f"unknown coupling mode {mode!r}")
 
@@ -68,8 +78,8 @@ def coupled_generation(dynamics_velocity: VelocityFn, policy_velocity: VelocityF
     return a, z
 
 
-def _policy_only(policy_velocity: VelocityFn, a: Tensor, steps: int, z_cond: Tensor | None,
-                 trace: CouplingTrace | None) -> Tensor:
+def sample_policy(policy_velocity: VelocityFn, a: Tensor, steps: int, z_cond: Tensor | None,
+                  trace: CouplingTrace | None = None) -> Tensor:
     """Plain Euler sampling of the policy with a fixed next-observation condition."""
     for tau in time_grid(steps):
         v_a = policy_velocity(a, tau, z_cond)

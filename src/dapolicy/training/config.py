@@ -1,8 +1,10 @@
-"""`TrainConfig`: every knob of `dap train`, with per-preset step budgets.
+"""`TrainConfig`: the optimisation knobs of `dap train` that are not part of a method.
 
+Per-stage budgets (steps, peak learning rate, batch size) belong to the method: its config carries a
+`StagePreset` per stage (`config.training.<stage>`). The `steps` / `lr` / `stage_batch_size` entries here are
+a run's overrides of those presets (`--steps policy=3000`), stored with the run so `--resume` uses them.
 Budgets are in optimizer steps, not wall-clock time: on a shared CPU the same step count gives the same
-model whatever the load (see shared/research/calibration.md, where 2200 policy steps at batch 64 is the
-10-minute recipe for the small configuration).
+model whatever the load.
 """
 
 from __future__ import annotations
@@ -10,28 +12,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-STAGES = ("vae", "dynamics", "policy")
-
-# Optimizer steps per stage for each named configuration. "small" is the calibrated CPU recipe.
-DEFAULT_STEPS: dict[str, dict[str, int]] = {
-    "tiny": {"vae": 20, "dynamics": 20, "policy": 20},
-    "small": {"vae": 900, "dynamics": 1500, "policy": 2200},
-    "paper": {"vae": 20_000, "dynamics": 100_000, "policy": 100_000},
-}
-
-# Learning rates per stage: the conv VAE and the DiT prefer a gentler rate than the U-Net policy.
-DEFAULT_LR: dict[str, float] = {"vae": 1e-4, "dynamics": 1e-4, "policy": 3e-4}
-
-
 @dataclass
 class TrainConfig:
     """How `dap train` optimises each stage of a policy.
 
-    steps: optimizer steps per stage name (a stage not listed uses `default_steps`).
-    batch_size: windows (or single frames for the VAE) per optimizer step.
-    stage_batch_size: per-stage overrides of `batch_size`. The VAE's default is 32 frames (64 images with two
-        cameras): a conv VAE step at 64 px costs far more per sample than a window of the other stages.
-    lr: peak learning rate per stage name (a stage not listed uses `default_lr`).
+    steps: optimizer steps per stage name, overriding the method's preset for the stages it lists.
+    stage_batch_size: batch size per stage name (windows, or single frames for the VAE), overriding the preset.
+    lr: peak learning rate per stage name, overriding the preset.
     weight_decay, betas: AdamW; Diffusion Policy's betas (0.95, 0.999).
     warmup_steps: linear warm-up from 0, then cosine decay to `min_lr_ratio * lr` at the stage's last step.
     grad_clip: max global gradient norm (0 disables clipping).
@@ -57,12 +44,9 @@ class TrainConfig:
     progress: show a tqdm bar per stage.
     """
 
-    steps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEPS["small"]))
-    default_steps: int = 1000
-    batch_size: int = 64
-    stage_batch_size: dict[str, int] = field(default_factory=lambda: {"vae": 32})
-    lr: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
-    default_lr: float = 3e-4
+    steps: dict[str, int] = field(default_factory=dict)
+    stage_batch_size: dict[str, int] = field(default_factory=dict)
+    lr: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.95, 0.999)
     warmup_steps: int = 100
@@ -86,10 +70,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON round trips give lists
-        for name in ("batch_size", "log_interval", "ckpt_interval", "val_batches", "latent_batch"):
+        for name in ("log_interval", "ckpt_interval", "val_batches", "latent_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "val_interval", "threads", "default_steps"):
+        for name in ("warmup_steps", "val_interval", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for stage, n in self.steps.items():
@@ -98,6 +82,9 @@ class TrainConfig:
         for stage, n in self.stage_batch_size.items():
             if int(n) < 1:
                 raise ValueError(f"batch size for stage {stage!r} must be >= 1, got {n}")
+        for stage, v in self.lr.items():
+            if not float(v) > 0:
+                raise ValueError(f"learning rate for stage {stage!r} must be > 0, got {v}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.ema_min_decay <= self.ema_max_decay < 1.0:
@@ -106,25 +93,19 @@ class TrainConfig:
             raise ValueError(f"logger must be none, tensorboard or wandb, got {self.logger!r}")
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
-        """The defaults that go with a named policy configuration ("tiny" uses short intervals)."""
-        if name not in DEFAULT_STEPS:
-            raise ValueError(f"unknown configuration {name!r}: expected one of {sorted(DEFAULT_STEPS)}")
-        base: dict[str, Any] = {"steps": dict(DEFAULT_STEPS[name])}
-        if name == "tiny":
-            base.update(batch_size=8, stage_batch_size={}, warmup_steps=5, log_interval=5, ckpt_interval=10,
-                        val_interval=10, val_batches=1, latent_batch=64)
+    def preset(cls, size: str = "small", **overrides: Any) -> "TrainConfig":
+        """The defaults that go with a named size ("tiny" logs, validates and checkpoints every few steps)."""
+        base: dict[str, Any] = {}
+        if size == "tiny":
+            base.update(warmup_steps=5, log_interval=5, ckpt_interval=10, val_interval=10, val_batches=1,
+                        latent_batch=64)
         base.update(overrides)
         return cls(**base)
 
-    def steps_for(self, stage: str) -> int:
-        return int(self.steps.get(stage, self.default_steps))
-
-    def batch_for(self, stage: str) -> int:
-        return int(self.stage_batch_size.get(stage, self.batch_size))
-
-    def lr_for(self, stage: str) -> float:
-        return float(self.lr.get(stage, self.default_lr))
+    def budget(self, stage: str, preset: Any) -> tuple[int, float, int]:
+        """(steps, peak lr, batch size) of `stage`: this run's overrides over the method's `StagePreset`."""
+        return (int(self.steps.get(stage, preset.steps)), float(self.lr.get(stage, preset.lr)),
+                int(self.stage_batch_size.get(stage, preset.batch_size)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -153,30 +134,38 @@ def auto_threads() -> int:
     return max(1, min(cores, int(cores - load + 0.5)))
 
 
-def parse_steps(text: str | int | dict[str, int] | None, stages: tuple[str, ...] = STAGES,
-                what: str = "--steps") -> dict[str, int]:
-    """Parse `--steps` (or `--batch-size`): "N" (every selected stage) or "vae=900,dynamics=1500,policy=2200".
+def parse_steps(text: str | int | dict[str, int] | None, stages: tuple[str, ...],
+                what: str = "--steps", known: tuple[str, ...] | None = None) -> dict[str, int]:
+    """Parse `--steps` (or `--batch-size`): "N" (every stage in `stages`) or "vae=900,policy=2200".
 
-    Returns only the stages it names; the caller merges the result over the preset's values.
+    `known`: the stage names a "name=N" entry may use (default `stages`). Returns only the stages it names;
+    the caller merges the result over the presets.
     """
+    known = known or stages
     if text is None:
         return {}
     if isinstance(text, dict):
+        bad = [k for k in text if k not in known]
+        if bad:
+            raise ValueError(f"{what}: unknown stage(s) {bad} (stages: {', '.join(known)})")
         return {str(k): int(v) for k, v in text.items()}
     if isinstance(text, int):
         return {s: text for s in stages}
     text = text.strip()
     if "=" not in text:
         try:
-            return {s: int(text) for s in stages}
+            value = int(text)
         except ValueError:
             raise ValueError(f"{what} expects N or stage=N,... ; got {text!r}") from None
+        if value < 0:
+            raise ValueError(f"{what} must be >= 0, got {value}")
+        return {s: value for s in stages}
     out: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
         name = name.strip()
-        if name not in STAGES:
-            raise ValueError(f"{what}: unknown stage {name!r} (stages: {', '.join(STAGES)})")
+        if name not in known:
+            raise ValueError(f"{what}: unknown stage {name!r} (stages: {', '.join(known)})")
         try:
             out[name] = int(value)
         except ValueError:

@@ -103,15 +103,14 @@ class StageRunner:
         self.policy, self.stage, self.batches, self.cfg = policy, stage, batches, cfg
         self.run, self.log, self.seed, self.device = run, log, seed, device
         self.extra_state = extra_state  # stored in checkpoints (e.g. the resolved run configuration)
-        self.total = cfg.steps_for(stage)
-        self.batch_size = cfg.batch_for(stage)
+        self.total, self.peak_lr, self.batch_size = cfg.budget(stage, policy.stage_preset(stage))
         self.module = policy.stage_module(stage)
         policy.requires_grad_(False)
         self.module.requires_grad_(True)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f"stage {stage!r}: stage_module has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr_for(stage), betas=cfg.betas,
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.peak_lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)
         self.ema = EMA(self.module, power=cfg.ema_power, max_decay=cfg.ema_max_decay,
                        min_decay=cfg.ema_min_decay, inv_gamma=cfg.ema_inv_gamma)
@@ -128,7 +127,7 @@ class StageRunner:
             "format": CHECKPOINT_FORMAT, "stage": self.stage, "step": self.step, "total_steps": self.total,
             "seed": self.seed, "model": self.policy.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"kind": "warmup_cosine", "peak_lr": cfg.lr_for(self.stage),
+            "scheduler": {"kind": "warmup_cosine", "peak_lr": self.peak_lr,
                           "warmup_steps": cfg.warmup_steps, "total_steps": self.total,
                           "min_lr_ratio": cfg.min_lr_ratio},
             "best_val": self.best_val, "best_step": self.best_step,
@@ -199,7 +198,7 @@ class StageRunner:
                     self.save_last()
                     return self._result(completed=False)
                 t0 = time.perf_counter()
-                lr = warmup_cosine(self.step, self.total, cfg.lr_for(stage), cfg.warmup_steps, cfg.min_lr_ratio)
+                lr = warmup_cosine(self.step, self.total, self.peak_lr, cfg.warmup_steps, cfg.min_lr_ratio)
                 set_lr(self.optimizer, lr)
                 batch = self.batches.train(self.step)
                 torch.manual_seed(step_seed(self.seed, stage, self.step))

@@ -1,12 +1,19 @@
-"""`Trainer`: runs the stages of a policy (for DAP: VAE, dynamics model, policy) into a run folder.
+"""`Trainer`: runs the stages of any method's policy (for DAP: VAE, dynamics model, policy) into a run folder.
+
+The trainer knows no stage names: each stage is a `StageSpec` the policy declares (which episodes, which
+batch layout, which cached inputs), and the policy's hooks do the method-specific work (`encode_latents` for
+the latent cache, `after_stage` e.g. to calibrate the VAE's latent scale).
 
 One call may train every stage or a subset; a later stage trained alone starts from the model the earlier
 stages saved in RUN/model. A stage started from scratch always begins from the seeded initial weights, so
-`--stage vae`, then `--stage dynamics`, then `--stage policy` ends where one `--stage all` run ends.
+`--stage vae`, then `--stage dynamics`, then `--stage policy` ends where one `--stage all` run ends. A run
+may also start from another run's finished stages (`init_from`): their weights and normalisers are copied
+and only the later stages train, which is how an ablation of the policy stage costs one stage, not three.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -14,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +35,6 @@ from dapolicy.training.metrics import MetricsLog, plot_losses, read_metrics
 from dapolicy.training.rundir import RunDir, RunFolderError
 
 CALIBRATION_FRAMES = 1024
-PolicyFactory = Callable[[Any], Any]  # EnvSpec -> policy
 
 
 def _say(message: str) -> None:
@@ -50,14 +56,15 @@ class TrainRequest:
     resume: bool
     device: torch.device
     stop_after: int | None = None
+    init_from: Path | None = None  # a run/model folder whose earlier stages this run copies
 
 
 class Trainer:
-    """Trains `policy_factory()`'s stages on the episodes in `request.data_dir`."""
+    """Trains the stages of `init` (a freshly, seeded-initialised policy) on the episodes of `store`."""
 
-    def __init__(self, request: TrainRequest, cfg: TrainConfig, policy_factory: PolicyFactory,
-                 run_config: dict[str, Any], store: Any) -> None:
-        self.req, self.cfg, self.factory, self.store = request, cfg, policy_factory, store
+    def __init__(self, request: TrainRequest, cfg: TrainConfig, init: Any, run_config: dict[str, Any],
+                 store: Any) -> None:
+        self.req, self.cfg, self.init, self.store = request, cfg, init, store
         self.run_config = run_config  # written to RUN/config.json
         self.run = request.run
         self._latents: np.ndarray | None = None
@@ -72,55 +79,86 @@ class Trainer:
 
     def _build_policy(self, state: dict[str, Any], data: Any, store: Any) -> tuple[Any, Any]:
         """(policy to train, freshly initialised policy whose stage modules seed stages started from scratch)."""
-        seed_everything(self.req.seed)
-        init = self.factory(store.spec)
+        from dapolicy.policies.registry import load_pretrained
+
+        init = self.init
         if state["stages_done"]:
             self.run.recover_model()
             if not self.run.has_model():
                 raise RunFolderError(f"{self.run.state_file} lists finished stages but {self.run.model} is missing")
-            policy = type(init).from_pretrained(self.run.model)
+            policy = load_pretrained(self.run.model)
         else:
-            policy = init
-            sources, success_only = policy.stage_data("policy" if "policy" in policy.stages else policy.stages[-1])
-            ids = np.asarray(store.select(sources, success_only), dtype=np.int64)
-            if len(ids) == 0:
-                raise ValueError(f"no episodes match {sources or 'any source'}"
-                                 f"{' (successful only)' if success_only else ''} to fit the normaliser")
+            policy = copy.deepcopy(init)
+            ids = np.unique(np.concatenate([self._episodes(policy, spec.name, store) for spec in policy.stages]))
             frames = frames_of(data.episode_ends, ids)
             policy.fit_normalizer(SimpleNamespace(action=data.action[frames], proprio=data.proprio[frames]))
         return policy.to(self.req.device), init
+
+    def _episodes(self, policy: Any, stage: str, store: Any) -> np.ndarray:
+        spec = policy.stage_spec(stage)
+        ids = np.asarray(store.select(spec.sources, spec.success_only), dtype=np.int64)
+        if len(ids) == 0:
+            raise ValueError(f"stage {stage!r}: no episodes of source {spec.sources or 'any'}"
+                             f"{' (successful only)' if spec.success_only else ''} in {store.path}")
+        return ids
+
+    def _copy_stages(self, policy: Any, stages: tuple[str, ...], state: dict[str, Any], log: MetricsLog) -> None:
+        """Start this run from `init_from`'s trained `stages` (weights and normalisers), then save RUN/model."""
+        from dapolicy.policies.registry import load_pretrained, resolve_model_dir
+
+        source_dir = resolve_model_dir(self.req.init_from)
+        source = load_pretrained(source_dir)
+        if tuple(source.spec.cameras) != tuple(policy.spec.cameras) or source.spec.image_size != policy.spec.image_size:
+            raise RunFolderError(f"--init-from {source_dir}: trained on {source.spec.name} "
+                                 f"({source.spec.image_size} px, cameras {list(source.spec.cameras)}), not on "
+                                 f"this data ({policy.spec.image_size} px, cameras {list(policy.spec.cameras)})")
+        for stage in stages:
+            if stage not in source.stage_names:
+                raise RunFolderError(f"--init-from {source_dir} ({source.method}) has no stage {stage!r} to copy; "
+                                     f"its stages are {', '.join(source.stage_names)}")
+            mine, theirs = policy.stage_module(stage).state_dict(), source.stage_module(stage).state_dict()
+            mismatch = sorted(k for k in set(mine) | set(theirs)
+                              if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
+            if mismatch:
+                raise RunFolderError(f"--init-from {source_dir}: stage {stage!r} has other shapes there "
+                                     f"({', '.join(mismatch[:3])}...): its config differs; retrain it with --stage")
+            policy.stage_module(stage).load_state_dict(theirs)
+        for name in ("action_normalizer", "proprio_normalizer"):
+            getattr(policy, name).load_state_dict(getattr(source, name).state_dict())
+        _save_model(policy, self.run.model)
+        state["stages_done"] = list(stages)
+        state["init_from"] = str(source_dir)
+        self.run.write_state(state)
+        log.write({"kind": "init_from", "stage": stages[-1], "step": 0, "source": str(source_dir),
+                   "stages": list(stages)})
+        _say(f"copied stage(s) {', '.join(stages)} and the normalisers from {source_dir}")
 
     # ------------------------------------------------------------------------------------------ batches
     def _stage_batches(self, policy: Any, stage: str, data: Any, store: Any) -> StageBatches:
         from dapolicy.data.sampler import WindowSampler
 
-        sources, success_only = policy.stage_data(stage)
-        episodes = np.asarray(store.select(sources, success_only), dtype=np.int64)
-        if len(episodes) == 0:
-            raise ValueError(f"stage {stage!r}: no episodes of source {sources or 'any'}"
-                             f"{' (successful only)' if success_only else ''} in {store.path}")
-        train_eps, val_eps = split_episodes(data.meta, episodes, self.cfg.val_fraction)
+        spec = policy.stage_spec(stage)
+        train_eps, val_eps = split_episodes(data.meta, self._episodes(policy, stage, store), self.cfg.val_fraction)
         ends = data.episode_ends
-        if stage == "vae":
+        if spec.layout == "frames":
             images = data.images
 
             def make(ids: np.ndarray) -> dict[str, np.ndarray]:
                 return {"images": images[ids]}
         else:
-            cfg = policy.config
-            sampler = WindowSampler(ends, n_obs=cfg.n_obs_steps, horizon=cfg.horizon,
-                                    next_obs_offset=cfg.next_offset)
+            sampler = WindowSampler(ends, n_obs=policy.n_obs_steps, horizon=policy.horizon,
+                                    next_obs_offset=policy.next_obs_offset)
             arrays = {"proprio": data.proprio, "action": data.action}
-            if _needs_latents(policy, stage):
+            if "latents" in spec.inputs:
                 arrays["latents"] = self._get_latents(policy, data)
-            if policy.needs_images(stage):
+            if "images" in spec.inputs:
                 arrays["images"] = data.images
 
             def make(ids: np.ndarray) -> dict[str, np.ndarray]:
                 return sampler.gather(arrays, ids)
+        _, _, batch_size = self.cfg.budget(stage, policy.stage_preset(stage))
         return StageBatches(make=make, train_ids=frames_of(ends, train_eps), val_ids=frames_of(ends, val_eps),
-                            batch_size=self.cfg.batch_for(stage), seed=self.req.seed, stage=stage,
-                            device=self.req.device)
+                            batch_size=batch_size, seed=self.req.seed, stage=stage, device=self.req.device)
 
     def _get_latents(self, policy: Any, data: Any) -> np.ndarray:
         if self._latents is None:
@@ -141,11 +179,20 @@ class Trainer:
         selected = self._selected_stages(policy, state)
         self.run.root.mkdir(parents=True, exist_ok=True)
         policy_cfg = getattr(policy, "config", None)
-        atomic_write_json(self.run.config, {**self.run_config, "stages": list(policy.stages),
+        budgets = {s: dict(zip(("steps", "lr", "batch_size"), self.cfg.budget(s, policy.stage_preset(s))))
+                   for s in policy.stage_names}
+        atomic_write_json(self.run.config, {**self.run_config, "stages": list(policy.stage_names), "budgets": budgets,
                                             "policy": to_dict(policy_cfg) if policy_cfg is not None else None,
                                             "spec": store.spec.to_dict(), "num_episodes": len(store),
                                             "num_frames": int(store.num_frames)})
         log = MetricsLog(self.run.metrics, logger=self.cfg.logger, run_dir=self.run.root, run_config=self.run_config)
+        if self.req.init_from is not None and not state["stages_done"]:
+            order = tuple(policy.stage_names)
+            first = min(order.index(s) for s in selected)
+            if first == 0:
+                raise RunFolderError("--init-from copies the stages before the first one trained; with --stage "
+                                     f"{selected[0]} there is nothing to copy (choose a later --stage)")
+            self._copy_stages(policy, order[:first], state, log)
         budget = StepBudget(self.req.stop_after)
         for stage in selected:
             if self.req.resume and stage in state["stages_done"]:
@@ -165,7 +212,7 @@ class Trainer:
     def _selected_stages(self, policy: Any, state: dict[str, Any]) -> tuple[str, ...]:
         """The stages this call trains, in order, after checking that each one's predecessors will be
         finished when it starts (retraining a stage un-finishes the later ones, see `_finish_stage`)."""
-        stages = tuple(policy.stages)
+        stages = tuple(policy.stage_names)
         if self.req.stages is None:
             selected = stages
         else:
@@ -174,6 +221,8 @@ class Trainer:
                 raise ValueError(f"stage(s) {unknown} are not stages of this policy ({', '.join(stages)})")
             selected = tuple(s for s in stages if s in self.req.stages)
         done = set(state["stages_done"])
+        if self.req.init_from is not None and not done:
+            return selected  # the stages before the first selected one are copied (`_copy_stages`)
         for stage in selected:
             if self.req.resume and stage in done:
                 continue
@@ -205,10 +254,10 @@ class Trainer:
                      f"{runner.total}: the learning-rate schedule changes, the result will differ from an "
                      f"uninterrupted run")
             runner.load(ckpt)
-            log.truncate_after(tuple(policy.stages), stage, runner.step)
+            log.truncate_after(tuple(policy.stage_names), stage, runner.step)
             _say(f"resuming stage {stage!r} at step {runner.step}/{runner.total}")
         else:
-            log.truncate_after(tuple(policy.stages), stage, 0)
+            log.truncate_after(tuple(policy.stage_names), stage, 0)
         n_train, n_val = len(batches.train_ids), len(batches.val_ids)
         _say(f"stage {stage!r}: {runner.total} steps, batch {runner.batch_size}, {n_train} train / {n_val} "
              f"validation frames, {sum(p.numel() for p in runner.params):,} parameters, device "
@@ -220,19 +269,18 @@ class Trainer:
 
     def _finish_stage(self, policy: Any, stage: str, result: StageResult, data: Any, store: Any,
                       log: MetricsLog, state: dict[str, Any]) -> None:
-        if stage == "vae":
-            sources, success_only = policy.stage_data("vae")
-            frames = frames_of(data.episode_ends, np.asarray(store.select(sources, success_only), np.int64))
-            rng = np.random.default_rng(step_seed(self.req.seed, "calibrate", 0))
-            pick = np.sort(rng.choice(frames, size=min(CALIBRATION_FRAMES, len(frames)), replace=False))
-            scale = policy.calibrate_latent_scale(data.images[pick])
-            _say(f"latent scale calibrated on {len(pick)} frames: {scale:.4g}")
-            self._latents = None  # the VAE changed
+        frames = frames_of(data.episode_ends, self._episodes(policy, stage, store))
+        rng = np.random.default_rng(step_seed(self.req.seed, "calibrate", 0))
+        pick = np.sort(rng.choice(frames, size=min(CALIBRATION_FRAMES, len(frames)), replace=False))
+        for key, value in policy.after_stage(stage, data.images[pick]).items():
+            _say(f"after stage {stage!r}: {key} = {value:.4g} (from {len(pick)} frames)")
+        if policy.stage_spec(stage).changes_latents:
+            self._latents = None
         _save_model(policy, self.run.model)
         summary = result.summary()
         log.write({"kind": "stage_end", "stage": stage, "step": result.step, **summary})
         plot_losses(read_metrics(self.run.metrics), stage, self.run.plots / f"loss_{stage}.png")
-        order = tuple(policy.stages)
+        order = tuple(policy.stage_names)
         later = [s for s in state["stages_done"] if order.index(s) > order.index(stage)]
         if later:  # they were trained against the old version of this stage
             _say(f"note: stage(s) {later} were trained on the previous {stage!r} weights and are marked "
@@ -244,12 +292,6 @@ class Trainer:
         _say(f"stage {stage!r} done: {result.step} steps in {result.seconds:.1f}s, "
              f"{result.samples_per_s:.1f} samples/s, last loss {result.last_loss:.4g}{best}; "
              f"model saved to {self.run.model}")
-
-
-def _needs_latents(policy: Any, stage: str) -> bool:
-    if hasattr(policy, "needs_latents"):
-        return bool(policy.needs_latents(stage))
-    return stage != "vae" and "vae" in policy.stages
 
 
 def _save_model(policy: Any, directory: Path) -> None:

@@ -1,0 +1,96 @@
+"""DAPConfig: the flow policy's config (`FMConfig`) plus the dynamics model and how the two are coupled.
+
+Shapes that come from the task (cameras, image size, action and proprio dims) are not here: they come from
+the EnvSpec the policy is built with, so one config serves every task. Named sizes: `tiny` (tests),
+`small` (CPU default), `paper` (~360M trainable parameters, like the paper's 369M).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dapolicy.nn.dit import DiTConfig
+from dapolicy.policies.base import StagePreset, TrainingPresets, preset_field
+from dapolicy.policies.coupling import COUPLING_MODES
+from dapolicy.policies.fm import FMConfig, paper_parts, sized_training, small_parts, tiny_parts
+
+EPISODE_SOURCES: tuple[str, ...] = ("expert", "random", "noisy_expert")
+
+
+@dataclass
+class NextObsMix:
+    """What the policy sees as the next observation during training; shares sum to 1.
+
+    ground_truth: the real next latents.
+    dynamics: the frozen dynamics model's extrapolated estimate at a random tau' (no gradient), conditioned
+        on the demonstrated action.
+    null: the learned null tokens, so the policy also works with no prediction.
+    """
+
+    ground_truth: float = 0.4
+    dynamics: float = 0.5
+    null: float = 0.1
+
+    def __post_init__(self) -> None:
+        shares = (self.ground_truth, self.dynamics, self.null)
+        if min(shares) < 0 or abs(sum(shares) - 1.0) > 1e-6:
+            raise ValueError(f"next_obs_mix shares must be >= 0 and sum to 1, got {shares}")
+
+
+@dataclass
+class DAPTraining(TrainingPresets):
+    """Per-stage defaults: VAE (single frames), dynamics model (all episodes), policy (expert windows)."""
+
+    vae: StagePreset = preset_field(900, 1e-4, 32)
+    dynamics: StagePreset = preset_field(1500, 1e-4, 64)
+    policy: StagePreset = preset_field(2200, 3e-4, 64)
+
+
+@dataclass
+class DAPConfig(FMConfig):
+    """Everything that defines a DAP policy, apart from the task's shapes (see `FMConfig` for the rest).
+
+    next_obs_offset: k, the predicted observation is o_{t+k}; None = n_action_steps (the frame seen at the
+        next re-plan).
+    coupling: default generation mode (Algorithm 1): jacobi | gauss_seidel | predict_then_act | off.
+    action_dropout: probability of replacing the dynamics model's action condition by the null token.
+    next_obs_mix: the policy's training sources for the next observation.
+    dynamics_sources: episode sources the dynamics model trains on; None = all (expert + random + noisy).
+    dynamics: size of the latent DiT.
+    """
+
+    next_obs_offset: int | None = None
+    coupling: str = "jacobi"
+    action_dropout: float = 0.1
+    next_obs_mix: NextObsMix = field(default_factory=NextObsMix)
+    dynamics_sources: tuple[str, ...] | None = None
+    dynamics: DiTConfig = field(default_factory=DiTConfig)
+    training: DAPTraining = field(default_factory=DAPTraining)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.coupling not in COUPLING_MODES:
+            raise ValueError(f"coupling must be one of {COUPLING_MODES}, got {self.coupling!r}")
+        if not 0.0 <= self.action_dropout < 1.0:
+            raise ValueError(f"action_dropout must be in [0, 1), got {self.action_dropout}")
+        if self.next_obs_offset is not None and self.next_obs_offset < 1:
+            raise ValueError(f"next_obs_offset must be >= 1, got {self.next_obs_offset}")
+        if self.dynamics_sources is not None:
+            self.dynamics_sources = tuple(self.dynamics_sources)
+            bad = [s for s in self.dynamics_sources if s not in EPISODE_SOURCES]
+            if bad or not self.dynamics_sources:
+                raise ValueError(f"dynamics_sources must be a non-empty subset of {EPISODE_SOURCES}, got "
+                                 f"{self.dynamics_sources}")
+
+    @property
+    def next_offset(self) -> int:
+        return self.next_obs_offset or self.n_action_steps
+
+
+DAP_CONFIGS = {
+    "tiny": lambda: DAPConfig(**tiny_parts(), dynamics=DiTConfig(hidden_dim=32, depth=1, heads=2),
+                              training=sized_training(DAPTraining(), "tiny")),
+    "small": lambda: DAPConfig(**small_parts(), dynamics=DiTConfig(hidden_dim=128, depth=3, heads=4)),
+    "paper": lambda: DAPConfig(**paper_parts(), dynamics=DiTConfig(hidden_dim=768, depth=12, heads=12),
+                               training=sized_training(DAPTraining(), "paper")),
+}

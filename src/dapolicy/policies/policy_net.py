@@ -1,0 +1,77 @@
+"""The action model shared by DAP and FM: observation tokenisers + the cross-attention 1-D U-Net.
+
+Context tokens the U-Net cross-attends to: current images (VAE latent patches or ResNet-GN features) with
+camera, frame and type embeddings; one proprio token per frame; and, for DAP, the predicted next
+observation's latent patches with their own type embedding (or learned null tokens when there is none).
+FM builds the same network without the next-observation tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from dapolicy.nn.encoders import LatentPatchTokenizer, ResNetGN, ResNetGNConfig
+from dapolicy.nn.unet1d import CrossAttnUNet1D, UNet1DConfig
+from dapolicy.spec import EnvSpec
+
+
+class PolicyNet(nn.Module):
+    """pi(A | o_t [, o_{t+k}]): tokenisers + U-Net. `with_next_obs` adds the next-observation tokens."""
+
+    def __init__(self, spec: EnvSpec, *, obs_encoder: str, token_dim: int, n_obs_steps: int, unet: UNet1DConfig,
+                 resnet: ResNetGNConfig, latent_channels: int, latent_size: int, with_next_obs: bool) -> None:
+        super().__init__()
+        d = token_dim
+        n_cams = len(spec.cameras)
+        self.obs_encoder = obs_encoder
+        if obs_encoder == "vae":
+            self.obs_tokenizer = LatentPatchTokenizer(latent_channels, 2, d, latent_size)
+        else:
+            self.image_encoders = nn.ModuleList(
+                ResNetGN(replace(resnet, out_dim=d, image_size=spec.image_size)) for _ in range(n_cams))
+        self.proprio_embed = nn.Sequential(nn.Linear(spec.proprio_dim, d), nn.Mish(), nn.Linear(d, d))
+        self.camera_embed = nn.Parameter(torch.randn(n_cams, d) * 0.02)
+        self.frame_embed = nn.Parameter(torch.randn(n_obs_steps, d) * 0.02)
+        self.type_embed = nn.Parameter(torch.randn(3, d) * 0.02)  # 0 current image, 1 proprio, 2 next
+        self.with_next_obs = with_next_obs
+        if with_next_obs:
+            self.next_tokenizer = LatentPatchTokenizer(latent_channels, 2, d, latent_size)
+            self.null_next = nn.Parameter(torch.randn(n_cams * (latent_size // 2) ** 2, d) * 0.02)
+        self.unet = CrossAttnUNet1D(unet, spec.action_dim, d)
+
+    def observation_tokens(self, proprio: Tensor, latents: Tensor | None = None,
+                           images: Tensor | None = None) -> Tensor:
+        """Tokens of the current observation: [B, T_o * (C * N + 1), D]. images: float [B, T, C, 3, S, S]."""
+        b, t = proprio.shape[:2]
+        if self.obs_encoder == "vae":
+            if latents is None:
+                raise ValueError("the 'vae' observation encoder needs latents")
+            c = latents.shape[2]
+            tok = self.obs_tokenizer(latents.flatten(0, 2))  # [B*T*C, N, D]
+        else:
+            if images is None:
+                raise ValueError("the 'resnet' observation encoder needs images")
+            c = images.shape[2]
+            tok = torch.stack([enc(images[:, :, i].flatten(0, 1)) for i, enc in enumerate(self.image_encoders)],
+                              dim=1)  # [B*T, C, N, D]
+        tok = tok.view(b, t, c, -1, tok.shape[-1])
+        tok = tok + self.camera_embed[None, None, :, None] + self.frame_embed[None, :, None, None] + self.type_embed[0]
+        prop = self.proprio_embed(proprio) + self.frame_embed[None] + self.type_embed[1]  # [B, T, D]
+        return torch.cat([tok.flatten(1, 3), prop], dim=1)
+
+    def next_tokens(self, next_latents: Tensor | None, batch: int, null_mask: Tensor | None = None) -> Tensor:
+        """Tokens of the predicted next observation; null tokens where there is none (or null_mask)."""
+        if not self.with_next_obs:
+            raise ValueError("this policy network was built without next-observation tokens")
+        null = self.null_next[None].expand(batch, -1, -1)
+        if next_latents is None:
+            return null
+        b, c = next_latents.shape[:2]
+        tok = self.next_tokenizer(next_latents.flatten(0, 1)).view(b, c, -1, null.shape[-1])
+        tok = (tok + self.camera_embed[None, :, None] + self.type_embed[2]).flatten(1, 2)
+        if null_mask is not None:
+            tok = torch.where(null_mask[:, None, None], null, tok)
+        return tok
