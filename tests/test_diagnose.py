@@ -36,7 +36,7 @@ class TraceDouble:
                                       flow=SimpleNamespace(steps=4))
         self.method = "double"
         self.capabilities = Capabilities(predicts_next_obs=dynamics, has_trace=True,
-                                         coupling_modes=COUPLING_MODES if dynamics else ())
+                                         modes=COUPLING_MODES if dynamics else ())
         self.n_obs_steps, self.horizon, self.n_action_steps, self.next_obs_offset = 2, 4, 2, 2
         self.action_normalizer = MinMaxNormalizer(SPEC.action_dim).fit(np.array([[-2.0, 0.0], [2.0, 10.0]]))
         self.calls: list[dict] = []

@@ -38,7 +38,7 @@ class ExpertDouble:
                                       flow=SimpleNamespace(steps=3), method="double")
         self.method = "double"
         self.capabilities = Capabilities(predicts_next_obs=dynamics, has_trace=False,
-                                         coupling_modes=COUPLING_MODES if dynamics else ())
+                                         modes=COUPLING_MODES if dynamics else ())
         self.n_obs_steps, self.horizon, self.n_action_steps, self.next_obs_offset = n_obs, horizon, n_action, n_action
         self.noise = noise
         self.env = None  # set by the env factory

@@ -20,7 +20,7 @@ from dapolicy.policies.coupling import COUPLING_MODES
 def bench_modes(policy: Any, reps: int = 30, steps: int | None = None,
                 modes: tuple[str, ...] | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
     """Median/p90 ms per chunk for each mode on a random batch-1 observation; ratios to mode "off"."""
-    modes = modes if modes is not None else policy.capabilities.coupling_modes
+    modes = modes if modes is not None else policy.capabilities.modes
     if not modes:
         raise ValueError(f"method {policy.method!r} has no coupling modes to compare")
     rng = np.random.default_rng(seed)

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from dapolicy.evaluate import ChunkDims, check_mode, default_output_dir, load_policy
-from dapolicy.policies.coupling import COUPLING_MODES
 from dapolicy.stats import psnr
 
 #: PSNR of identical images is infinite; this cap keeps curves finite (and JSON valid).
@@ -318,8 +317,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=32, help="number of validation windows (default 32)")
     parser.add_argument("--out", default=None, help="output folder (default RUN/diagnose)")
     parser.add_argument("--data", default=None, help="episode store (default: the run's training data)")
-    parser.add_argument("--mode", default=None, choices=COUPLING_MODES,
-                        help="coupling mode (default: the model's)")
+    parser.add_argument("--mode", default=None,
+                        help="generation mode (default: the model's; DAP: jacobi, gauss_seidel, predict_then_act, off)")
     parser.add_argument("--flow-steps", type=int, default=None, help="flow steps K (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the window choice and the sampling noise")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (a GPU if visible)")

@@ -27,7 +27,6 @@ from dapolicy.envs.base import Env, make_env
 from dapolicy.spec import EnvSpec
 from dapolicy.envs.perturbations import OOD_KINDS, OODConfig
 from dapolicy.policies.registry import MODEL_SUBDIR, resolve_model_dir
-from dapolicy.policies.coupling import COUPLING_MODES
 from dapolicy.policies.receding import RecedingHorizon, env_frame
 from dapolicy.stats import latency_summary, wilson_interval
 
@@ -82,11 +81,11 @@ class ChunkDims:
 
 
 def check_mode(policy: Any, mode: str | None) -> None:
-    """A clear error when `mode` is not one of the method's generation modes."""
-    modes = policy.capabilities.coupling_modes
+    """A clear error when `mode` is not one of the method's generation modes (DAP: its coupling modes)."""
+    modes = policy.capabilities.modes
     if mode is not None and mode not in modes:
-        raise ValueError(f"method {policy.method!r} has no coupling mode {mode!r}"
-                         + (f" (modes: {', '.join(modes)})" if modes else " (it has no dynamics model to couple)"))
+        raise ValueError(f"method {policy.method!r} has no generation mode {mode!r}"
+                         + (f" (modes: {', '.join(modes)})" if modes else " (it has a single way to sample)"))
 
 
 def _sync_device() -> None:
@@ -410,8 +409,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"episode i uses env seed SEED+i (default {DEFAULT_SEED}, disjoint from training)")
     parser.add_argument("--env", default=None, help="task name (default: the one the model was trained on)")
     parser.add_argument("--videos", type=int, default=3, help="write videos of the first K episodes (default 3)")
-    parser.add_argument("--mode", default=None, choices=COUPLING_MODES,
-                        help="coupling mode (default: the model's); 'off' = no dynamics model")
+    parser.add_argument("--mode", default=None,
+                        help="generation mode (default: the model's; DAP: jacobi, gauss_seidel, predict_then_act, off)")
     parser.add_argument("--flow-steps", type=int, default=None, help="flow steps K (default: the model's)")
     parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the task's)")
     parser.add_argument("--out", default=None, help="output folder (default RUN/eval)")

@@ -93,12 +93,12 @@ class Capabilities:
     """What a method can do beyond predicting actions.
 
     predicts_next_obs: `predict_chunk(return_next=True)` returns predicted next frames (DAP, UVA-style).
-    coupling_modes: the generation modes `predict_chunk(mode=...)` accepts (first = default); () = none.
+    modes: the generation modes `predict_chunk(mode=...)` accepts (first = default); () = none.
     has_trace: `predict_chunk(return_trace=True)` returns the per-step extrapolations (Fig. 2 diagnostics).
     """
 
     predicts_next_obs: bool = False
-    coupling_modes: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
     has_trace: bool = False
 
 
@@ -198,12 +198,12 @@ class Policy(nn.Module, ABC):
 
         obs: {"images": uint8 [B, T_o, C, S, S, 3], "proprio": [B, T_o, P]} (numpy or torch).
         return_next: also return the predicted next frames (methods with `predicts_next_obs`).
-        mode: generation mode, one of `capabilities.coupling_modes` (None = the config's default).
+        mode: generation mode, one of `capabilities.modes` (None = the config's default).
         steps: sampling steps K (None = the config's). return_trace: per-step extrapolations.
         """
         caps = self.capabilities
-        if mode is not None and mode not in caps.coupling_modes:
-            offered = ", ".join(caps.coupling_modes) or "none"
+        if mode is not None and mode not in caps.modes:
+            offered = ", ".join(caps.modes) or "none"
             raise UnsupportedByMethod(f"method {self.method!r} has no generation mode {mode!r} (modes: {offered})")
         if return_trace and not caps.has_trace:
             raise UnsupportedByMethod(f"method {self.method!r} records no sampling trace")

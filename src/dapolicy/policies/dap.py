@@ -27,7 +27,7 @@ class DAPPolicy(FMPolicy):
 
     method = "dap"
     config_class = DAPConfig
-    capabilities = Capabilities(predicts_next_obs=True, coupling_modes=COUPLING_MODES, has_trace=True)
+    capabilities = Capabilities(predicts_next_obs=True, modes=COUPLING_MODES, has_trace=True)
     with_next_obs = True
 
     def __init__(self, config: DAPConfig, spec: EnvSpec) -> None:

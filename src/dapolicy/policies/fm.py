@@ -125,7 +125,7 @@ class FMPolicy(Policy):
 
     method = "fm"
     config_class = FMConfig
-    capabilities = Capabilities(predicts_next_obs=False, coupling_modes=(), has_trace=True)
+    capabilities = Capabilities(predicts_next_obs=False, modes=(), has_trace=True)
     with_next_obs = False  # DAP's policy network also reads the predicted next observation
 
     def __init__(self, config: FMConfig, spec: EnvSpec) -> None:
