@@ -17,7 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("dapolicy.evaluate", "seeded closed-loop evaluation, in distribution or OOD"),
     "diagnose": ("dapolicy.diagnose", "Fig. 2 of the paper: quality of the extrapolated estimates vs tau"),
     "bench": ("dapolicy.bench", "per-chunk inference latency of each coupling mode, as ratios to the plain policy"),
+    "benchmark": ("dapolicy.benchmark", "methods x tasks x seeds x evaluation suites, resumable, results in benchmarks/"),
     "quickstart": ("dapolicy.quickstart", "collect, train, evaluate and diagnose on the default task"),
+    "import": ("dapolicy.dataset_io", "import a LeRobot v3 or Diffusion-Policy dataset into an episode store"),
+    "export": ("dapolicy.dataset_io", "export an episode store as a LeRobotDataset v3 folder"),
 }
 
 

@@ -277,8 +277,21 @@ def _store(path: Path, size: int = 16) -> EpisodeStore:
     return store
 
 
+def _mp4_takes(codec: str) -> bool:
+    import io
+
+    with av.open(io.BytesIO(), "w", format="mp4") as c:
+        try:
+            c.add_stream(codec, rate=10)
+        except ValueError:
+            return False
+    return True
+
+
 @pytest.mark.parametrize("codec", ["lossless", "ffv1"])
 def test_export_import_round_trip_is_exact(codec: str, tmp_path: Path) -> None:
+    if codec == "ffv1" and not _mp4_takes("ffv1"):
+        pytest.skip(f"PyAV {av.__version__} cannot put FFV1 into mp4 (needs av>=16)")
     store = _store(tmp_path / "store")
     r = export_lerobot(store.path, tmp_path / "lr", ExportConfig(codec=codec, frames_per_file=12))
     assert (r.episodes, r.frames) == (4, 24)

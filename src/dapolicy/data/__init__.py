@@ -17,6 +17,12 @@ _EXPORTS = {
     "WindowIndices": "dapolicy.data.sampler",
     "WindowSampler": "dapolicy.data.sampler",
     "benchmark_sampler": "dapolicy.data.sampler",
+    "lean_images": "dapolicy.data.lean",
+    "ImportConfig": "dapolicy.data.foreign",
+    "DatasetFormatError": "dapolicy.data.foreign",
+    "import_lerobot": "dapolicy.data.lerobot",
+    "export_lerobot": "dapolicy.data.lerobot",
+    "import_replay_buffer": "dapolicy.data.replay_buffer",
 }
 
 __all__ = list(_EXPORTS)

@@ -310,6 +310,45 @@ class EpisodeStore:
             self._index = index
         return len(self) - 1
 
+    def append_episodes(self, episodes: Iterable[Episode]) -> list[int]:
+        """Validate and append many episodes as ONE publish: either all of them become visible or none does.
+
+        Why: an import of a foreign dataset that turns out to be bad part-way through must not leave a
+        half-imported store. Episodes are consumed one at a time (an iterator keeps memory at one episode);
+        each is staged on disk, and the index is rewritten once at the end. Returns the new indices.
+        """
+        with self._writer_lock():
+            self._index = _read_index(self.path)
+            self._clean_leftovers()
+            first = len(self)
+            staging = self.path / STAGING_DIR / f"batch.{uuid.uuid4().hex}"
+            entries: list[dict[str, Any]] = []
+            published: list[Path] = []
+            try:
+                for j, episode in enumerate(episodes):
+                    arrays = _validate_episode(episode, self.spec)
+                    meta = _validate_meta(episode.meta)
+                    meta["length"] = len(arrays["action"])
+                    key = f"ep_{first + j:06d}"
+                    self._write_group(staging / key, arrays, meta)
+                    entries.append({"key": key, "length": meta["length"], "meta": meta})
+                for entry in entries:
+                    target = self.path / EPISODES_DIR / entry["key"]
+                    os.rename(staging / entry["key"], target)
+                    published.append(target)
+                index = dict(self._index)
+                index["episodes"] = [*self._index["episodes"], *entries]
+                _atomic_write_json(self.path / INDEX_FILE, index)
+                self._index = index
+            except BaseException:
+                for target in published:  # unpublished (the index was not replaced): remove them again
+                    shutil.rmtree(target, ignore_errors=True)
+                raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                _remove_if_empty(staging.parent)
+        return list(range(first, first + len(entries)))
+
     def _write_group(self, where: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         import zarr
 
@@ -352,11 +391,14 @@ class EpisodeStore:
                        proprio=data["proprio"], action=data["action"], meta=dict(entry["meta"]))
 
     def load(self, sources: Iterable[str] | None = None, success_only: bool = False,
-             episodes: Sequence[int] | None = None) -> EpisodeData:
+             episodes: Sequence[int] | None = None, lazy: bool = False,
+             lean_dir: str | os.PathLike | None = None) -> EpisodeData:
         """Concatenate the selected episodes in memory (images as [N, C, S, S, 3]).
 
         sources: e.g. ("expert",) for the policy, None (all) for the dynamics model and the VAE.
         episodes: restrict to these store indices (in this order), intersected with the filter above.
+        lazy: images become a read-only `np.memmap` of an uncompressed frame cache instead of RAM, for stores
+        larger than memory (see `dapolicy.data.lean`); lean_dir: where that cache lives (default STORE/.lean).
         """
         ids = self.select(sources, success_only)
         if episodes is not None:
@@ -365,13 +407,18 @@ class EpisodeStore:
         lengths = [self._index["episodes"][i]["length"] for i in ids]
         ends = np.cumsum(np.asarray(lengths, dtype=np.int64)) if ids else np.zeros(0, np.int64)
         n, s, c = int(ends[-1]) if ids else 0, self.spec.image_size, len(self.spec.cameras)
-        images = np.empty((n, c, s, s, 3), np.uint8)
+        if lazy:
+            from dapolicy.data.lean import lean_images
+
+            images = lean_images(self, ids, (sources, success_only, episodes), lean_dir)
+        else:
+            images = np.empty((n, c, s, s, 3), np.uint8)
         proprio = np.empty((n, self.spec.proprio_dim), np.float32)
         action = np.empty((n, self.spec.action_dim), np.float32)
         metas = []
         for j, i in enumerate(ids):
             sl = slice(int(ends[j]) - lengths[j], int(ends[j]))
-            for ci, cam in enumerate(self.spec.cameras):
+            for ci, cam in enumerate(self.spec.cameras if not lazy else ()):
                 images[sl, ci] = self._read_array(i, f"images/{cam}")
             proprio[sl] = self._read_array(i, "proprio")
             action[sl] = self._read_array(i, "action")

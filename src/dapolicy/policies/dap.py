@@ -13,11 +13,11 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from dapolicy.flow import extrapolate, flow_loss, interpolate, sample_tau, training_pair
+from dapolicy.flow import extrapolate, flow_loss, interpolate, sample_tau, training_pair, velocity_target
 from dapolicy.nn.dit import LatentDynamicsDiT
 from dapolicy.policies.base import Capabilities, ChunkPrediction, StageSpec, require
 from dapolicy.policies.coupling import COUPLING_MODES, CouplingTrace, coupled_generation
-from dapolicy.policies.dap_config import DAPConfig
+from dapolicy.policies.dap_config import NEXT_OBS_SOURCES, DAPConfig
 from dapolicy.policies.fm import FMPolicy
 from dapolicy.spec import EnvSpec
 
@@ -95,22 +95,76 @@ class DAPPolicy(FMPolicy):
         action = self.action_normalizer.normalize(require(batch, "action", 3))
         b = action.shape[0]
         tokens = self.observation_tokens(batch, augment=True)
-        mix = self.config.next_obs_mix
-        source = torch.multinomial(torch.tensor([mix.ground_truth, mix.dynamics, mix.null]), b, replacement=True)
-        source = source.to(action.device)
-        next_latents = None
-        if mix.null < 1.0:
-            next_latents = require(batch, "next_latents", 5)
-            use_dyn = source == 1
-            if use_dyn.any():
-                sub = {k: v[use_dyn] for k, v in batch.items() if k in ("latents", "proprio", "action", "next_latents")}
-                next_latents = next_latents.clone()
-                next_latents[use_dyn] = self._dynamics_estimate(sub)
-        next_tok = self.policy_net.next_tokens(next_latents, b, null_mask=source == 2)
         tau = sample_tau(b, self.config.flow, device=action.device)
-        a_tau, target = training_pair(action, tau)
+        noise = torch.randn_like(action)
+        a_tau, target = interpolate(action, noise, tau), velocity_target(action, noise)
+        shares = torch.tensor(self.config.next_obs_mix.shares)
+        source = torch.multinomial(shares, b, replacement=True).to(action.device)
+        next_latents, null = self._training_next_obs(batch, tokens, noise, tau, source)
+        next_tok = self.policy_net.next_tokens(next_latents, b, null_mask=null)
         v = self.policy_net.unet(a_tau, tau, static_tokens=tokens, dynamic_tokens=next_tok)
-        return {"loss": flow_loss(v, target), "share_dynamics": (source == 1).float().mean()}
+        out = {"loss": flow_loss(v, target)}
+        out.update({f"share_{name}": (source == i).float().mean() for i, name in enumerate(NEXT_OBS_SOURCES)
+                    if shares[i] > 0})
+        return out
+
+    def _training_next_obs(self, batch: Mapping[str, Tensor], tokens: Tensor, noise: Tensor, tau: Tensor,
+                           source: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(next latents [B, C, c, h, w] or None, null mask [B]) as `next_obs_mix` draws them per sample."""
+        null = source == NEXT_OBS_SOURCES.index("null")
+        if bool(null.all()):
+            return None, null
+        next_latents = require(batch, "next_latents", 5).clone()
+        use_dyn = source == NEXT_OBS_SOURCES.index("dynamics")
+        if use_dyn.any():
+            sub = {k: v[use_dyn] for k, v in batch.items() if k in ("latents", "proprio", "action", "next_latents")}
+            next_latents[use_dyn] = self._dynamics_estimate(sub)
+        use_roll = source == NEXT_OBS_SOURCES.index("rollout")
+        if use_roll.any():
+            sub = {k: v[use_roll] for k, v in batch.items() if k in ("latents", "proprio")}
+            z_hat, first = self._rollout_estimate(sub, tokens[use_roll].detach(), noise[use_roll], tau[use_roll])
+            next_latents[use_roll] = z_hat
+            null = null.clone()
+            null[use_roll] = first
+        return next_latents, null
+
+    @torch.no_grad()
+    def _rollout_estimate(self, batch: Mapping[str, Tensor], tokens: Tensor, a_noise: Tensor,
+                          tau: Tensor) -> tuple[Tensor, Tensor]:
+        """The next-observation estimate the policy is handed at flow time `tau` when sampling from `a_noise`.
+
+        Runs the coupled sampler (config's coupling mode and K, live policy network, frozen dynamics model)
+        and picks, per sample, the estimate conditioning the policy at step k = floor(tau * K): the trace's
+        z_hat of step k - 1 (Jacobi / Gauss-Seidel), the final prediction (predict-then-act). Returns
+        (estimates, mask of samples that see no estimate: step 0 of Jacobi / Gauss-Seidel).
+        """
+        mode, steps = self.config.coupling, self.config.flow.steps
+        b = a_noise.shape[0]
+        current, proprio = batch["latents"][:, -1], self.proprio_normalizer.normalize(batch["proprio"]).flatten(1)
+        was_training = self.policy_net.training
+        self.policy_net.eval()
+        context = self.policy_net.unet.prepare_context(tokens)
+
+        def policy_velocity(a: Tensor, t: float, z_hat: Tensor | None) -> Tensor:
+            return self.policy_net.unet(a, torch.full((b,), t, device=a.device), static=context,
+                                        dynamic_tokens=self.policy_net.next_tokens(z_hat, b))
+
+        def dynamics_velocity(z: Tensor, t: float, a_hat: Tensor | None) -> Tensor:
+            return self.dynamics(z, torch.full((b,), t, device=z.device), current, a_hat, proprio)
+
+        trace = CouplingTrace()
+        z0 = torch.randn(b, len(self.spec.cameras), self.latent_channels, self.latent_size, self.latent_size,
+                         device=a_noise.device)
+        _, z_final = coupled_generation(dynamics_velocity, policy_velocity, z0, a_noise, steps, mode, trace)
+        self.policy_net.train(was_training)
+        step = (tau * steps).floor().long().clamp(0, steps - 1)
+        if mode == "off":
+            return torch.zeros_like(z0), torch.ones(b, dtype=torch.bool, device=z0.device)
+        if mode == "predict_then_act":
+            return z_final, torch.zeros(b, dtype=torch.bool, device=z0.device)
+        z_hats = torch.stack(trace.z_hat)  # [K, B, ...]: the estimate produced at step j conditions step j + 1
+        picked = z_hats[(step - 1).clamp(min=0), torch.arange(b, device=z0.device)]
+        return picked, step == 0
 
     # ------------------------------------------------------------------ inference
     def _predict(self, batch: dict[str, Tensor], return_next: bool, mode: str | None, steps: int | None,

@@ -17,24 +17,37 @@ from dapolicy.policies.fm import FMConfig, paper_parts, sized_training, small_pa
 EPISODE_SOURCES: tuple[str, ...] = ("expert", "random", "noisy_expert")
 
 
+NEXT_OBS_SOURCES: tuple[str, ...] = ("ground_truth", "dynamics", "rollout", "null")
+
+
 @dataclass
 class NextObsMix:
-    """What the policy sees as the next observation during training; shares sum to 1.
+    """What the policy sees as the next observation during training; shares sum to 1 (see docs/method.md).
 
-    ground_truth: the real next latents.
+    ground_truth: the real next latents o_{t+k}.
     dynamics: the frozen dynamics model's extrapolated estimate at a random tau' (no gradient), conditioned
-        on the demonstrated action.
+        on the demonstrated action (what the policy would see if its own action estimate were perfect).
+    rollout: the estimate the policy sees at inference: a no-gradient coupled rollout (the config's coupling
+        mode, the live policy network and the frozen dynamics model) from the same action noise, and the
+        next-observation estimate that rollout hands the policy at the step of the training tau (null at the
+        first step of Jacobi sampling). Costs K extra no-grad calls of both networks per batch share.
     null: the learned null tokens, so the policy also works with no prediction.
     """
 
     ground_truth: float = 0.4
     dynamics: float = 0.5
+    rollout: float = 0.0
     null: float = 0.1
 
     def __post_init__(self) -> None:
-        shares = (self.ground_truth, self.dynamics, self.null)
+        shares = self.shares
         if min(shares) < 0 or abs(sum(shares) - 1.0) > 1e-6:
-            raise ValueError(f"next_obs_mix shares must be >= 0 and sum to 1, got {shares}")
+            raise ValueError(f"next_obs_mix shares ({', '.join(NEXT_OBS_SOURCES)}) must be >= 0 and sum to 1, "
+                             f"got {shares}")
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        return tuple(float(getattr(self, name)) for name in NEXT_OBS_SOURCES)
 
 
 @dataclass

@@ -1,0 +1,478 @@
+"""`dap benchmark SUITE`: methods x tasks x training seeds x evaluation suites, resumable, with committed results.
+
+A suite file (TOML, `benchmarks/<name>/suite.toml`) names the tasks (collected once, shared by every method),
+the method variants (a registered method + size + budgets + `--set` fields, optionally starting from another
+variant's trained stages), the training seeds and the evaluation suites. Every finished (variant, task, seed,
+eval suite, split) is a cell: a small JSON in `benchmarks/<name>/cells/<split>/`, committed to the repository,
+never recomputed. Data, runs and checkpoints go to a work folder outside the repository. From the cells the
+command writes `results.csv`, `results.md` and bar charts (Fig. 3/4/5 style) next to the suite file.
+
+Protocol (docs/benchmark.md): choices are made on the `validation` split (episode seeds from
+`protocol.validation_seed`), reported numbers come from the `test` split (`protocol.test_seed`), identical
+for every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dapolicy.atomic import write_json_atomic
+from dapolicy.stats import wilson_interval
+
+SPLITS = ("test", "validation")
+DEFAULT_BENCHMARKS_DIR = Path("benchmarks")
+CSV_COLUMNS = ("method", "task", "seed", "suite", "successes", "episodes", "success_rate", "ci_low", "ci_high",
+               "mean_score", "latency_p50_ms", "parameters", "train_seconds", "eval_seconds", "base_method", "split")
+
+
+class SuiteError(ValueError):
+    """A suite file that cannot be run as written (the message names the field)."""
+
+
+@dataclass
+class TaskSpec:
+    """A task and how its data is collected (once per suite, shared by every method and seed)."""
+
+    name: str
+    env: str
+    expert_episodes: int = 50
+    random_episodes: int = 50
+    image_size: int = 64
+    collect: dict[str, Any] = field(default_factory=dict)  # any other `dap collect` option
+    max_steps: int | None = None  # evaluation episode limit (None = the task's)
+
+
+@dataclass
+class VariantSpec:
+    """One trained model per (task, seed): a method at a size, with budgets and config fields.
+
+    init_from: another variant whose run (same task, same seed) provides the stages before `stage`.
+    stage: with init_from, the first stage trained here (default: the method's last stage).
+    tasks: restrict the variant to these tasks (None = every task); suites: its evaluation suites
+        (None = the protocol's).
+    mode, flow_steps: generation mode and sampling steps at evaluation (None = the model's defaults).
+    """
+
+    name: str
+    method: str
+    config: str = "small"
+    steps: str | None = None
+    set: list[str] = field(default_factory=list)
+    init_from: str | None = None
+    stage: str | None = None
+    tasks: list[str] | None = None
+    suites: list[str] | None = None
+    seeds: list[int] | None = None
+    mode: str | None = None
+    flow_steps: int | None = None
+
+
+@dataclass
+class Protocol:
+    """Seeds and episode counts shared by every cell."""
+
+    episodes: int = 50
+    test_seed: int = 100_000
+    validation_seed: int = 300_000
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    suites: list[str] = field(default_factory=lambda: ["none", "light", "distractor", "novel_object"])
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    protocol: Protocol
+    tasks: dict[str, TaskSpec]
+    variants: dict[str, VariantSpec]
+    description: str = ""
+
+    @property
+    def results_dir(self) -> Path:
+        return self.path.parent
+
+
+def load_suite(name_or_path: str | Path, benchmarks_dir: Path = DEFAULT_BENCHMARKS_DIR) -> Suite:
+    """A suite by name (`benchmarks/<name>/suite.toml`) or by path; errors name the field."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = benchmarks_dir / str(name_or_path) / "suite.toml"
+    if not path.is_file():
+        known = sorted(p.parent.name for p in benchmarks_dir.glob("*/suite.toml")) if benchmarks_dir.is_dir() else []
+        raise SuiteError(f"no suite file {path}" + (f" (suites here: {', '.join(known)})" if known else ""))
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(path.read_text())
+    except Exception as err:  # tomllib's own error type
+        raise SuiteError(f"{path} is not valid TOML: {err}") from err
+    return parse_suite(data, path)
+
+
+def _build(cls: type, data: Any, where: str, **extra: Any) -> Any:
+    if not isinstance(data, dict):
+        raise SuiteError(f"{where} must be a table")
+    known = set(cls.__dataclass_fields__) - set(extra)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SuiteError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**data, **extra)
+    except TypeError as err:
+        raise SuiteError(f"{where}: {err}") from err
+
+
+def parse_suite(data: dict[str, Any], path: Path) -> Suite:
+    from dapolicy.policies.registry import SIZES, method_names
+
+    unknown = sorted(set(data) - {"name", "description", "protocol", "tasks", "methods"})
+    if unknown:
+        raise SuiteError(f"{path}: unknown top-level field(s) {unknown}")
+    protocol = _build(Protocol, data.get("protocol", {}), f"{path}: [protocol]")
+    tasks = {k: _build(TaskSpec, v, f"{path}: [tasks.{k}]", name=k) for k, v in data.get("tasks", {}).items()}
+    variants = {k: _build(VariantSpec, v, f"{path}: [methods.{k}]", name=k) for k, v in data.get("methods", {}).items()}
+    if not tasks or not variants:
+        raise SuiteError(f"{path}: needs at least one [tasks.NAME] and one [methods.NAME]")
+    for v in variants.values():
+        if v.method not in method_names():
+            raise SuiteError(f"{path}: [methods.{v.name}] method {v.method!r} is not registered "
+                             f"({', '.join(method_names())})")
+        if v.config not in SIZES:
+            raise SuiteError(f"{path}: [methods.{v.name}] config must be one of {SIZES}")
+        if v.init_from is not None and v.init_from not in variants:
+            raise SuiteError(f"{path}: [methods.{v.name}] init_from {v.init_from!r} is not a method of this suite")
+        for t in v.tasks or []:
+            if t not in tasks:
+                raise SuiteError(f"{path}: [methods.{v.name}] task {t!r} is not a task of this suite")
+    return Suite(str(data.get("name", path.parent.name)), path, protocol, tasks, variants,
+                 str(data.get("description", "")))
+
+
+# ----------------------------------------------------------------------------------------------- cells
+@dataclass(frozen=True)
+class Cell:
+    variant: str
+    task: str
+    seed: int
+    suite: str
+    split: str
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.variant}__{self.task}__s{self.seed}__{self.suite.replace(':', '@')}.json"
+
+
+def plan_cells(suite: Suite, split: str, only: list[str] | None = None, tasks: list[str] | None = None,
+               seeds: list[int] | None = None, suites: list[str] | None = None) -> list[Cell]:
+    """Every cell of the suite (filtered), grouped by (variant, task, seed) so each model trains once."""
+    cells = []
+    for v in suite.variants.values():
+        if only and v.name not in only:
+            continue
+        for task in v.tasks or list(suite.tasks):
+            if tasks and task not in tasks:
+                continue
+            for seed in v.seeds or suite.protocol.seeds:
+                if seeds and seed not in seeds:
+                    continue
+                for kind in v.suites or suite.protocol.suites:
+                    if suites and kind not in suites:
+                        continue
+                    cells.append(Cell(v.name, task, int(seed), kind, split))
+    return cells
+
+
+def cell_path(suite: Suite, cell: Cell) -> Path:
+    return suite.results_dir / "cells" / cell.split / cell.file_name
+
+
+# ----------------------------------------------------------------------------------------------- running
+class Runner:
+    """Collects, trains and evaluates the cells of one suite in a work folder; skips what is done."""
+
+    def __init__(self, suite: Suite, work: Path, threads: int | None = None, progress: bool = True,
+                 device: str = "cpu", env_factory: Callable[..., Any] | None = None) -> None:
+        self.suite, self.work, self.threads, self.progress = suite, Path(work), threads, progress
+        self.device, self.env_factory = device, env_factory
+
+    def data_dir(self, task: str) -> Path:
+        return self.work / "data" / task
+
+    def run_dir(self, variant: str, task: str, seed: int) -> Path:
+        return self.work / "runs" / variant / task / f"s{seed}"
+
+    def _say(self, message: str) -> None:
+        print(f"[dap benchmark] {message}", flush=True)
+
+    def ensure_data(self, task: str) -> Path:
+        from dapolicy.collect import collect
+
+        spec, out = self.suite.tasks[task], self.data_dir(task)
+        summary = out / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("complete"):
+            return out
+        self._say(f"collecting {task} ({spec.env}) into {out}")
+        collect(spec.env, out, expert_episodes=spec.expert_episodes, random_episodes=spec.random_episodes,
+                image_size=spec.image_size, resume=out.exists(), progress=self.progress, **spec.collect)
+        return out
+
+    def ensure_trained(self, variant: str, task: str, seed: int) -> Path:
+        """Train (or resume) the variant's run for (task, seed); its init_from run first."""
+        from dapolicy.train import train
+        from dapolicy.training.rundir import RunDir
+
+        v = self.suite.variants[variant]
+        run = self.run_dir(variant, task, seed)
+        if _finished(run):
+            return run
+        source = self.ensure_trained(v.init_from, task, seed) if v.init_from else None
+        data = self.ensure_data(task)
+        exists = RunDir(run).read_config() is not None
+        self._say(f"training {variant} on {task}, seed {seed} -> {run}" + (" (resuming)" if exists else ""))
+        kwargs: dict[str, Any] = dict(method=v.method, config=v.config, steps=v.steps, seed=seed,
+                                      overrides=v.set or None, threads=self.threads, progress=self.progress,
+                                      device=self.device)
+        if exists:
+            train(data, run, resume=True, **{k: kwargs[k] for k in ("threads", "progress", "device")})
+        else:
+            train(data, run, init_from=source, stage=v.stage if source else "all", **kwargs)
+        if not _finished(run):
+            raise RuntimeError(f"training {run} stopped before every stage finished")
+        return run
+
+    def evaluate_cell(self, cell: Cell) -> dict[str, Any]:
+        from dapolicy.evaluate import evaluate
+
+        path = cell_path(self.suite, cell)
+        if path.is_file():
+            return json.loads(path.read_text())
+        run = self.ensure_trained(cell.variant, cell.task, cell.seed)
+        v, p = self.suite.variants[cell.variant], self.suite.protocol
+        seed = p.test_seed if cell.split == "test" else p.validation_seed
+        self._say(f"evaluating {cell.variant} / {cell.task} / seed {cell.seed} / {cell.suite} ({cell.split}, "
+                  f"{p.episodes} episodes from env seed {seed})")
+        start = time.perf_counter()
+        kwargs = {"env_factory": self.env_factory} if self.env_factory else {}
+        result = evaluate(run, episodes=p.episodes, ood=cell.suite, seed=seed, videos=0, mode=v.mode,
+                          flow_steps=v.flow_steps, max_steps=self.suite.tasks[cell.task].max_steps,
+                          out_dir=run / "eval_benchmark", name=f"{cell.split}_{cell.suite.replace(':', '@')}",
+                          progress=self.progress, **kwargs)
+        state = json.loads((run / "state.json").read_text())
+        train_seconds = sum(float(s.get("seconds") or 0) for s in state.get("summaries", {}).values())
+        from dapolicy.evaluate import load_policy
+
+        cellrec = {
+            "method": cell.variant, "base_method": v.method, "task": cell.task, "env": self.suite.tasks[cell.task].env,
+            "seed": cell.seed, "suite": cell.suite, "split": cell.split, "successes": result["n_success"],
+            "episodes": result["n_episodes"], "success_rate": result["success_rate"], "ci95": result["ci95"],
+            "mean_score": result["mean_score"], "latency_p50_ms": result["latency_ms"].get("p50"),
+            "parameters": load_policy(run).parameter_counts()["total"], "train_seconds": round(train_seconds, 1),
+            "eval_seconds": round(time.perf_counter() - start, 1), "episode_seeds": result["settings"]["episode_seeds"],
+            "mode": result["settings"]["mode"], "flow_steps": result["settings"]["flow_steps"],
+            "config": v.config, "steps": v.steps, "set": v.set, "init_from": v.init_from,
+            "dapolicy_commit": _git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        write_json_atomic(path, cellrec)
+        return cellrec
+
+    def run(self, cells: list[Cell]) -> None:
+        done = sum(cell_path(self.suite, c).is_file() for c in cells)
+        self._say(f"suite {self.suite.name!r}: {len(cells)} cells, {done} already done")
+        for i, cell in enumerate(cells):
+            if cell_path(self.suite, cell).is_file():
+                continue
+            self.evaluate_cell(cell)
+            write_reports(self.suite)
+            self._say(f"cell {i + 1}/{len(cells)} done: {cell.file_name}")
+
+
+def _finished(run: Path) -> bool:
+    state, config = run / "state.json", run / "config.json"
+    if not (state.is_file() and config.is_file()):
+        return False
+    done = json.loads(state.read_text()).get("stages_done", [])
+    return done == json.loads(config.read_text()).get("stages")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- reports
+def read_cells(suite: Suite, split: str) -> list[dict[str, Any]]:
+    folder = suite.results_dir / "cells" / split
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def write_reports(suite: Suite) -> dict[str, Path]:
+    """results.csv (+ results_validation.csv), results.md and charts from the committed cells."""
+    written: dict[str, Path] = {}
+    for split in SPLITS:
+        cells = read_cells(suite, split)
+        if not cells:
+            continue
+        stem = "results" if split == "test" else "results_validation"
+        csv_path = suite.results_dir / f"{stem}.csv"
+        tmp = csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            for c in sorted(cells, key=lambda c: (c["task"], c["method"], c["suite"], c["seed"])):
+                writer.writerow({**{k: c.get(k) for k in CSV_COLUMNS}, "ci_low": c["ci95"][0], "ci_high": c["ci95"][1]})
+        tmp.replace(csv_path)
+        written[stem + ".csv"] = csv_path
+        md = suite.results_dir / f"{stem}.md"
+        md.write_text(markdown_table(cells, suite, split))
+        written[stem + ".md"] = md
+        for path in plot_bars(cells, suite, split):
+            written[path.name] = path
+    return written
+
+
+def aggregate(cells: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(method, task, suite) -> mean over seeds, per-seed rates, pooled successes/episodes and interval."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["method"], c["task"], c["suite"]), []).append(c)
+    out = {}
+    for key, group in groups.items():
+        group = sorted(group, key=lambda c: c["seed"])
+        s, n = sum(c["successes"] for c in group), sum(c["episodes"] for c in group)
+        out[key] = {"mean": float(np.mean([c["success_rate"] for c in group])), "seeds": group,
+                    "successes": s, "episodes": n, "ci95": wilson_interval(s, n),
+                    "latency": float(np.median([c["latency_p50_ms"] for c in group if c.get("latency_p50_ms")] or [0]))}
+    return out
+
+
+def markdown_table(cells: list[dict[str, Any]], suite: Suite, split: str) -> str:
+    agg = aggregate(cells)
+    methods = [m for m in suite.variants if any(k[0] == m for k in agg)]
+    kinds = [k for k in dict.fromkeys(c["suite"] for c in cells)]
+    lines = [f"# Benchmark `{suite.name}` ({split} split)", "",
+             "Success rate, mean over training seeds, with the pooled 95% Wilson interval over all episodes of all "
+             "seeds; per-seed rates in brackets; `n` = episodes per seed x seeds. Generated by `dap benchmark "
+             f"{suite.name} --report` from the cells in `cells/{split}/`.", ""]
+    for task in suite.tasks:
+        if not any(k[1] == task for k in agg):
+            continue
+        lines += [f"## {task} (`{suite.tasks[task].env}`)", "", "| method | " + " | ".join(kinds) + " | p50 ms |",
+                  "|---|" + "---|" * (len(kinds) + 1)]
+        for m in methods:
+            row = [m]
+            lat = None
+            for kind in kinds:
+                a = agg.get((m, task, kind))
+                if a is None:
+                    row.append("-")
+                    continue
+                lat = lat or a["latency"]
+                per = ", ".join(f"{c['success_rate']:.0%}" for c in a["seeds"])
+                row.append(f"**{a['mean']:.1%}** [{a['ci95'][0]:.0%}, {a['ci95'][1]:.0%}] ({per}; n={a['episodes']})")
+            row.append(f"{lat:.0f}" if lat else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot_bars(cells: list[dict[str, Any]], suite: Suite, split: str) -> list[Path]:
+    """One PNG per task: grouped bars (methods x evaluation suites) with Wilson whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(cells)
+    paths = []
+    for task in suite.tasks:
+        keys = [k for k in agg if k[1] == task]
+        if not keys:
+            continue
+        methods = [m for m in suite.variants if any(k[0] == m for k in keys)]
+        kinds = list(dict.fromkeys(k[2] for k in keys))
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(methods) * max(1, len(kinds)) / 2), 3.6))
+        width = 0.8 / len(kinds)
+        for j, kind in enumerate(kinds):
+            xs, ys, lo, hi = [], [], [], []
+            for i, m in enumerate(methods):
+                a = agg.get((m, task, kind))
+                if a is None:
+                    continue
+                xs.append(i + (j - (len(kinds) - 1) / 2) * width)
+                ys.append(a["mean"])
+                lo.append(max(0.0, a["mean"] - a["ci95"][0]))
+                hi.append(max(0.0, a["ci95"][1] - a["mean"]))
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=kind)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("success rate")
+        ax.set_title(f"{suite.name}: {task} ({split})")
+        ax.legend(fontsize=7, ncol=min(4, len(kinds)))
+        fig.tight_layout()
+        path = suite.results_dir / f"{'fig' if split == 'test' else 'fig_validation'}_{task}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suite", help="suite name (benchmarks/NAME/suite.toml) or path to a suite TOML file")
+    p.add_argument("--work", default=None, help="folder for data, runs and checkpoints (default runs/benchmarks/NAME)")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="test (reported numbers) or validation (for choosing budgets, checkpoints, settings)")
+    p.add_argument("--only", default=None, help="comma list of the suite's methods to run")
+    p.add_argument("--tasks", default=None, help="comma list of the suite's tasks to run")
+    p.add_argument("--seeds", default=None, help="comma list of training seeds to run")
+    p.add_argument("--suites", default=None, help="comma list of evaluation suites to run")
+    p.add_argument("--report", action="store_true", help="only rewrite results.csv/.md and the charts")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and whether each is done")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: auto)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _csv_list(text: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None:
+    return [cast(x.strip()) for x in text.split(",") if x.strip()] if text else None
+
+
+def run(args: argparse.Namespace) -> int:
+    suite = load_suite(args.suite)
+    if args.report:
+        for name, path in write_reports(suite).items():
+            print(f"wrote {path}")
+        return 0
+    cells = plan_cells(suite, args.split, _csv_list(args.only), _csv_list(args.tasks), _csv_list(args.seeds, int),
+                       _csv_list(args.suites))
+    if args.dry_run:
+        for c in cells:
+            print(f"{'done ' if cell_path(suite, c).is_file() else 'todo '} {c.file_name} ({c.split})")
+        return 0
+    work = Path(args.work) if args.work else Path("runs") / "benchmarks" / suite.name
+    try:
+        Runner(suite, work, threads=args.threads, progress=not args.quiet, device=args.device).run(cells)
+    except KeyboardInterrupt:
+        print(f"\ndap benchmark: interrupted; finished cells are kept in {suite.results_dir / 'cells'}; rerun the "
+              f"same command to continue", file=sys.stderr)
+        return 130
+    write_reports(suite)
+    print(f"results: {suite.results_dir / 'results.md'}")
+    return 0

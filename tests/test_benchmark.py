@@ -1,0 +1,66 @@
+"""`dap benchmark`: the smoke suite end to end, resumability, reports, and clear errors for bad suite files."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dapolicy import benchmark as bm
+from dapolicy.cli import main as cli_main
+
+SMOKE = Path(__file__).resolve().parents[1] / "benchmarks" / "smoke" / "suite.toml"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench") / "smoke"
+    folder.mkdir()
+    shutil.copy(SMOKE, folder / "suite.toml")
+    work = folder.parent / "work"
+    assert cli_main(["benchmark", str(folder / "suite.toml"), "--work", str(work), "--quiet", "--threads", "1"]) == 0
+    return folder, work
+
+
+def test_smoke_suite_writes_cells_csv_markdown_and_charts(smoke):
+    folder, work = smoke
+    cells = sorted((folder / "cells" / "test").glob("*.json"))
+    assert [p.name for p in cells] == ["dap__button__s0__light.json", "dap__button__s0__none.json",
+                                       "fm__button__s0__light.json", "fm__button__s0__none.json"]
+    cell = json.loads(cells[0].read_text())
+    for key in ("method", "task", "seed", "suite", "successes", "episodes", "ci95", "latency_p50_ms", "parameters",
+                "train_seconds", "eval_seconds"):
+        assert key in cell
+    assert cell["episodes"] == 2 and cell["episode_seeds"] == [100000, 100001]
+    rows = list(csv.DictReader(open(folder / "results.csv")))
+    assert len(rows) == 4 and {"method", "task", "seed", "suite", "successes", "episodes"} <= set(rows[0])
+    assert "| dap |" in (folder / "results.md").read_text() and (folder / "fig_button.png").stat().st_size > 0
+    # fm started from the dap run's trained VAE
+    fm_state = json.loads((work / "runs" / "fm" / "button" / "s0" / "state.json").read_text())
+    assert fm_state["init_from"].endswith("runs/dap/button/s0/model")
+
+
+def test_finished_cells_are_never_redone(smoke, capsys):
+    folder, work = smoke
+    before = {p: p.stat().st_mtime_ns for p in (folder / "cells" / "test").glob("*.json")}
+    assert cli_main(["benchmark", str(folder / "suite.toml"), "--work", str(work), "--quiet"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert "4 already done" in capsys.readouterr().out
+    assert cli_main(["benchmark", str(folder / "suite.toml"), "--dry-run", "--split", "validation"]) == 0
+    assert capsys.readouterr().out.count("todo") == 4
+
+
+def test_bad_suite_files_are_named(tmp_path):
+    bad = tmp_path / "suite.toml"
+    bad.write_text('[tasks.a]\nenv = "pusht"\n[methods.x]\nmethod = "dpcc"\n')
+    with pytest.raises(bm.SuiteError, match="dpcc"):
+        bm.load_suite(bad)
+    bad.write_text('[tasks.a]\nenv = "pusht"\nepisodez = 3\n[methods.x]\nmethod = "fm"\n')
+    with pytest.raises(bm.SuiteError, match="episodez"):
+        bm.load_suite(bad)
+    bad.write_text('[tasks.a]\nenv = "pusht"\n[methods.x]\nmethod = "fm"\ninit_from = "y"\n')
+    with pytest.raises(bm.SuiteError, match="init_from 'y'"):
+        bm.load_suite(bad)
+    with pytest.raises(bm.SuiteError, match="no suite file"):
+        bm.load_suite(tmp_path / "nothing.toml")
