@@ -182,3 +182,27 @@ def test_untrained_tiny_dap_policy(run_dir):
     assert res["action_mse_vs_final"][-1] == pytest.approx(0.0, abs=1e-10)
     assert all(v == dg.PSNR_CAP_DB for v in (c[-1] for c in res["psnr_vs_final"].values()))
     assert (run / "diagnose" / "strip.png").is_file()
+
+
+def test_copy_baseline_and_action_sensitivity_can_tell_a_model_that_ignores_the_action(run_dir):
+    """The new references: copying the current frame, the VAE ceiling, and the gain from the true action."""
+    from dapolicy.policies import make_policy
+
+    run, _ = run_dir
+    torch.manual_seed(0)
+    policy = make_policy("dap", SPEC, size="tiny").eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # zero-initialised output layers (adaLN-Zero) would hide the action pathway
+        for p in policy.dynamics.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    res = dg.diagnose(run, windows=4, policy=policy, progress=False)
+    for key in ("psnr_copy_current", "psnr_vae_recon", "psnr_true_action", "psnr_other_action",
+                "action_psnr_gain_db", "action_sensitivity"):
+        assert set(res[key]) == set(SPEC.cameras), key
+    assert all(v > 0 for v in res["action_sensitivity"].values())
+    with torch.no_grad():  # now the action tokens are the same whatever the action
+        for p in policy.dynamics.action_mlp.parameters():
+            p.zero_()
+    res = dg.diagnose(run, windows=4, policy=policy, progress=False)
+    assert all(v == 0 for v in res["action_sensitivity"].values())
+    assert all(v == pytest.approx(0, abs=1e-9) for v in res["action_psnr_gain_db"].values())

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("dapolicy.quickstart", "collect, train, evaluate and diagnose on the default task"),
     "import": ("dapolicy.dataset_io", "import a LeRobot v3 or Diffusion-Policy dataset into an episode store"),
     "export": ("dapolicy.dataset_io", "export an episode store as a LeRobotDataset v3 folder"),
+    "serve": ("dapolicy.serve", "serve a policy over WebSocket for a robot (--check: simulated robot loop)"),
 }
 
 

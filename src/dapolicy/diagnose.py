@@ -179,6 +179,7 @@ def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32
     psnr_real, psnr_final, final_psnr_real = [], [], []  # [K, B, C] per batch, then [B, C]
     mse_final, mse_demo, final_mse_demo = [], [], []  # [K, B], then [B]
     strip: dict[str, np.ndarray] = {}
+    baselines: dict[str, list[np.ndarray]] = {k: [] for k in BASELINE_KEYS}
     for start in tqdm(range(0, len(ids), batch_size), desc="diagnose", disable=not progress, unit="batch"):
         batch = sampler.gather(data.arrays(), ids[start:start + batch_size])
         obs = {"images": batch["images"], "proprio": batch["proprio"]}
@@ -201,6 +202,8 @@ def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32
             psnr_real.append(_capped_psnr(decoded, real[None]))
             psnr_final.append(_capped_psnr(decoded, final[None]))
             final_psnr_real.append(_capped_psnr(final, real))
+            for key, value in _frame_baselines(policy, obs, batch, real, seed + start).items():
+                baselines[key].append(value)
             if start == 0:
                 n = min(strip_windows, real.shape[0])
                 strip = {"decoded": decoded[:, :n], "final": final[:n], "real": real[:n],
@@ -226,6 +229,7 @@ def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32
         result["psnr_vs_final"] = {cam: pf[:, i].tolist() for i, cam in enumerate(cameras)}
         result["final_psnr_vs_real"] = {cam: float(fr[i]) for i, cam in enumerate(cameras)}
         result["psnr_cap_db"] = PSNR_CAP_DB
+        result.update(_summarize_baselines(baselines, cameras))
 
     out.mkdir(parents=True, exist_ok=True)
     result["plot"] = str(plot_curves(result, out / "diagnose.png"))
@@ -233,6 +237,55 @@ def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32
         result["strip"] = str(plot_strip(strip, taus, cameras, out / "strip.png"))
     write_json_atomic(out / "diagnose.json", result)
     return result
+
+
+BASELINE_KEYS = ("copy_current", "vae_recon", "true_action", "other_action", "predicted_change", "real_change")
+
+
+def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], real: np.ndarray,
+                     seed: int) -> dict[str, np.ndarray]:
+    """Per window and camera: the references a next-frame prediction must beat, and its action sensitivity.
+
+    copy_current: PSNR of simply copying the current frame (a model that ignores time scores this).
+    vae_recon: PSNR of the VAE's own reconstruction of the real next frame (the ceiling in latent space).
+    true_action / other_action: PSNR vs the real next frame of the dynamics model's prediction given the
+        demonstrated chunk, and given another window's chunk (rolled by one in the batch): a model that uses
+        the action scores clearly higher with the true one.
+    predicted_change / real_change: mean squared pixel change between the two predictions, and between the
+        real next frame and the current frame (the change the demonstrated action caused), in [0, 1] units.
+    """
+    import torch
+
+    current = np.asarray(batch["images"])[:, -1]
+    out = {"copy_current": _capped_psnr(current, real)}
+    if hasattr(policy, "encode_latents") and hasattr(policy, "decode_latents"):
+        out["vae_recon"] = _capped_psnr(to_numpy(policy.decode_latents(policy.encode_latents(real))), real)
+    if hasattr(policy, "predict_next") and len(real) > 1:
+        actions = np.asarray(batch["action"])
+        other = np.roll(actions, 1, axis=0)
+        true_pred = policy.predict_next(obs, actions, generator=torch.Generator().manual_seed(seed))
+        other_pred = policy.predict_next(obs, other, generator=torch.Generator().manual_seed(seed))
+        out["true_action"] = _capped_psnr(true_pred, real)
+        out["other_action"] = _capped_psnr(other_pred, real)
+        to01 = 1.0 / 255.0
+        out["predicted_change"] = (((true_pred - other_pred.astype(np.float64)) * to01) ** 2).mean(axis=(-3, -2, -1))
+        out["real_change"] = (((real - current.astype(np.float64)) * to01) ** 2).mean(axis=(-3, -2, -1))
+    return out
+
+
+def _summarize_baselines(baselines: dict[str, list[np.ndarray]], cameras: list[str]) -> dict[str, Any]:
+    """Per camera means of the references, plus `action_psnr_gain_db` and `action_sensitivity`."""
+    out: dict[str, Any] = {}
+    means = {k: np.concatenate(v, axis=0).mean(axis=0) for k, v in baselines.items() if v}
+    for key, values in means.items():
+        out[f"{'psnr_' if key not in ('predicted_change', 'real_change') else ''}{key}"] = {
+            cam: float(values[i]) for i, cam in enumerate(cameras)}
+    if "true_action" in means:
+        out["action_psnr_gain_db"] = {cam: float(means["true_action"][i] - means["other_action"][i])
+                                      for i, cam in enumerate(cameras)}
+        out["action_sensitivity"] = {cam: float(means["predicted_change"][i] / max(means["real_change"][i], 1e-12))
+                                     for i, cam in enumerate(cameras)}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- plots
@@ -257,6 +310,9 @@ def plot_curves(result: dict[str, Any], path: Path) -> Path:
                                 result["psnr_vs_final"][cam])
             ax.plot(tau, vs_final, "s--", color=color, alpha=0.6, label=f"{cam}: vs final")
             ax.axhline(result["final_psnr_vs_real"][cam], color=color, ls=":", label=f"{cam}: final vs real")
+            if "psnr_copy_current" in result:
+                ax.axhline(result["psnr_copy_current"][cam], color=color, ls="-.", alpha=0.5,
+                           label=f"{cam}: copy current frame")
         ax.set_xlabel("flow time tau")
         ax.set_ylabel("PSNR of decoded Z_hat(tau) [dB]")
         ax.set_title("extrapolated next frame")
@@ -331,6 +387,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"tau:                     {' '.join(f'{t:6.2f}' for t in result['tau'])}")
     for cam, curve in result.get("psnr_vs_real", {}).items():
         print(f"PSNR {cam[:12]:>12} vs real: {' '.join(f'{v:6.2f}' for v in curve)}")
+    for cam in result.get("psnr_copy_current", {}):
+        recon = result.get("psnr_vae_recon", {}).get(cam)
+        print(f"{cam[:12]:>12}: final {result['final_psnr_vs_real'][cam]:.2f} dB, copy current frame "
+              f"{result['psnr_copy_current'][cam]:.2f} dB"
+              + (f", VAE reconstruction {recon:.2f} dB" if recon is not None else "")
+              + (f", true vs other action {result['psnr_true_action'][cam]:.2f} / "
+                 f"{result['psnr_other_action'][cam]:.2f} dB (gain {result['action_psnr_gain_db'][cam]:+.2f}), "
+                 f"action sensitivity {result['action_sensitivity'][cam]:.2f}" if "action_psnr_gain_db" in result
+                 else ""))
     print(f"action MSE vs demo:      {' '.join(f'{v:6.3f}' for v in result['action_mse_vs_demo'])}")
     print(f"wrote {Path(result['plot']).parent / 'diagnose.json'}")
     return 0

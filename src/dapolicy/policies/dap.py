@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dapolicy.flow import extrapolate, flow_loss, interpolate, sample_tau, training_pair, velocity_target
+from dapolicy.flow import (euler_step, extrapolate, flow_loss, interpolate, sample_tau, time_grid, training_pair,
+                           velocity_target)
 from dapolicy.nn.dit import LatentDynamicsDiT
 from dapolicy.policies.base import Capabilities, ChunkPrediction, StageSpec, require
 from dapolicy.policies.coupling import COUPLING_MODES, CouplingTrace, coupled_generation
@@ -165,6 +167,32 @@ class DAPPolicy(FMPolicy):
         z_hats = torch.stack(trace.z_hat)  # [K, B, ...]: the estimate produced at step j conditions step j + 1
         picked = z_hats[(step - 1).clamp(min=0), torch.arange(b, device=z0.device)]
         return picked, step == 0
+
+    # ------------------------------------------------------------------ the dynamics model alone
+    @torch.no_grad()
+    def predict_next(self, obs: Mapping[str, object], actions: object | None, steps: int | None = None,
+                     generator: torch.Generator | None = None) -> np.ndarray:
+        """Predicted frames o_{t+k} uint8 [B, C, S, S, 3] for given action chunks [B, H, A] in env units
+        (None = the action-agnostic mode), by integrating the dynamics model alone: what `dap diagnose` uses to
+        measure how much the prediction depends on the action."""
+        self.eval()
+        batch = self._encode_observation(self.validate_obs(obs), need_latents=True)
+        b = batch["proprio"].shape[0]
+        action = None
+        if actions is not None:
+            action = torch.as_tensor(np.asarray(actions), dtype=torch.float32, device=self.device)
+            if tuple(action.shape) != (b, self.config.horizon, self.spec.action_dim):
+                raise ValueError(f"actions must be [{b}, {self.config.horizon}, {self.spec.action_dim}], got "
+                                 f"{tuple(action.shape)}")
+            action = self.action_normalizer.normalize(action)
+        current = batch["latents"][:, -1]
+        proprio = self.proprio_normalizer.normalize(batch["proprio"]).flatten(1)
+        steps = steps or self.config.flow.steps
+        z = torch.randn(current.shape, generator=generator, device=self.device)
+        for tau in time_grid(steps):
+            v = self.dynamics(z, torch.full((b,), tau, device=z.device), current, action, proprio)
+            z = euler_step(z, v, 1.0 / steps)
+        return self.decode_latents(z).cpu().numpy()
 
     # ------------------------------------------------------------------ inference
     def _predict(self, batch: dict[str, Tensor], return_next: bool, mode: str | None, steps: int | None,
