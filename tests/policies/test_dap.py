@@ -201,3 +201,41 @@ def test_paper_config_has_paper_scale_parameter_count():
     with torch.device("meta"):  # counts shapes without allocating 1.4 GB
         counts = make_policy("dap", default_spec(), size="paper").parameter_counts()
     assert 330e6 <= counts["total"] <= 410e6, counts
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "gauss_seidel", "predict_then_act"])
+def test_rollout_source_hands_the_policy_what_inference_hands_it(mode):
+    """next_obs_mix.rollout: at training tau in [k/K, (k+1)/K) the policy sees the estimate that sampling from
+    the same noise hands it at step k (nothing at step 0 of Jacobi/Gauss-Seidel, the final one in predict-then-act)."""
+    policy = _policy(coupling=mode)
+    obs = _obs(3)
+    k = policy.config.flow.steps
+    pred = policy.predict_chunk(obs, return_trace=True, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # predict_chunk draws the next-latent noise, then the action noise
+    z0 = torch.randn(3, 2, 4, 4, 4, generator=g)
+    a0 = torch.randn(3, 16, 3, generator=g)
+    batch = policy.validate_obs(obs)
+    batch["latents"] = policy.encode_latents(batch["images"])
+    tokens = policy.observation_tokens(batch, augment=False)
+    tau = torch.tensor([0.5 / k, 2.5 / k, (k - 0.5) / k])
+    est, first = policy._rollout_estimate(batch, tokens, a0, tau, z_noise=z0)
+    z_hat = pred.trace["z_hat"]
+    if mode == "predict_then_act":
+        assert not first.any()
+        for i in range(3):
+            torch.testing.assert_close(est[i], z_hat[-1][i])
+    else:
+        assert first.tolist() == [True, False, False]
+        torch.testing.assert_close(est[1], z_hat[1][1])
+        torch.testing.assert_close(est[2], z_hat[k - 2][2])
+
+
+def test_rollout_share_trains_on_own_rollouts(monkeypatch):
+    """A rollout share calls the coupled rollout (not the ground truth) for its samples."""
+    policy = _policy(**{"next_obs_mix.ground_truth": 0, "next_obs_mix.dynamics": 0, "next_obs_mix.rollout": 1.0,
+                        "next_obs_mix.null": 0}).train()
+    calls = []
+    original = policy._rollout_estimate
+    monkeypatch.setattr(policy, "_rollout_estimate", lambda *a, **k: calls.append(1) or original(*a, **k))
+    out = policy.compute_loss(_batch(4), "policy")
+    assert calls == [1] and float(out["share_rollout"]) == 1.0 and torch.isfinite(out["loss"])

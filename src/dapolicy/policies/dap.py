@@ -131,8 +131,8 @@ class DAPPolicy(FMPolicy):
         return next_latents, null
 
     @torch.no_grad()
-    def _rollout_estimate(self, batch: Mapping[str, Tensor], tokens: Tensor, a_noise: Tensor,
-                          tau: Tensor) -> tuple[Tensor, Tensor]:
+    def _rollout_estimate(self, batch: Mapping[str, Tensor], tokens: Tensor, a_noise: Tensor, tau: Tensor,
+                          z_noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The next-observation estimate the policy is handed at flow time `tau` when sampling from `a_noise`.
 
         Runs the coupled sampler (config's coupling mode and K, live policy network, frozen dynamics model)
@@ -155,8 +155,8 @@ class DAPPolicy(FMPolicy):
             return self.dynamics(z, torch.full((b,), t, device=z.device), current, a_hat, proprio)
 
         trace = CouplingTrace()
-        z0 = torch.randn(b, len(self.spec.cameras), self.latent_channels, self.latent_size, self.latent_size,
-                         device=a_noise.device)
+        z0 = z_noise if z_noise is not None else torch.randn(
+            b, len(self.spec.cameras), self.latent_channels, self.latent_size, self.latent_size, device=a_noise.device)
         _, z_final = coupled_generation(dynamics_velocity, policy_velocity, z0, a_noise, steps, mode, trace)
         self.policy_net.train(was_training)
         step = (tau * steps).floor().long().clamp(0, steps - 1)
