@@ -64,3 +64,17 @@ def test_bad_suite_files_are_named(tmp_path):
         bm.load_suite(bad)
     with pytest.raises(bm.SuiteError, match="no suite file"):
         bm.load_suite(tmp_path / "nothing.toml")
+
+
+def test_run_of_evaluates_another_variants_run(smoke, tmp_path):
+    folder, work = smoke
+    text = (folder / "suite.toml").read_text() + '\n[methods.dap-k1]\nmethod = "dap"\nrun_of = "dap"\nflow_steps = 1\n'
+    (folder / "suite.toml").write_text(text)
+    suite = bm.load_suite(folder / "suite.toml")
+    runner = bm.Runner(suite, work, threads=1, progress=False)
+    cell = runner.evaluate_cell(bm.Cell("dap-k1", "button", 0, "none", "validation"))
+    assert cell["flow_steps"] == 1 and not (work / "runs" / "dap-k1").exists()
+    bad = tmp_path / "suite.toml"
+    bad.write_text(text + 'steps = "3"\n')
+    with pytest.raises(bm.SuiteError, match="run_of"):
+        bm.load_suite(bad)

@@ -58,6 +58,8 @@ class VariantSpec:
 
     init_from: another variant whose run (same task, same seed) provides the stages before `stage`.
     stage: with init_from, the first stage trained here (default: the method's last stage).
+    run_of: evaluate another variant's trained run (no training): for generation settings such as `mode` and
+        `flow_steps` (e.g. coupling ablations, K).
     tasks: restrict the variant to these tasks (None = every task); suites: its evaluation suites
         (None = the protocol's).
     mode, flow_steps: generation mode and sampling steps at evaluation (None = the model's defaults).
@@ -75,6 +77,7 @@ class VariantSpec:
     seeds: list[int] | None = None
     mode: str | None = None
     flow_steps: int | None = None
+    run_of: str | None = None
 
 
 @dataclass
@@ -151,8 +154,13 @@ def parse_suite(data: dict[str, Any], path: Path) -> Suite:
                              f"({', '.join(method_names())})")
         if v.config not in SIZES:
             raise SuiteError(f"{path}: [methods.{v.name}] config must be one of {SIZES}")
-        if v.init_from is not None and v.init_from not in variants:
-            raise SuiteError(f"{path}: [methods.{v.name}] init_from {v.init_from!r} is not a method of this suite")
+        for ref in ("init_from", "run_of"):
+            target = getattr(v, ref)
+            if target is not None and target not in variants:
+                raise SuiteError(f"{path}: [methods.{v.name}] {ref} {target!r} is not a method of this suite")
+        if v.run_of is not None and (v.init_from or v.steps or v.set or v.method != variants[v.run_of].method):
+            raise SuiteError(f"{path}: [methods.{v.name}] run_of evaluates {v.run_of!r}'s run: give it the same "
+                             f"method and no steps, set or init_from")
         for t in v.tasks or []:
             if t not in tasks:
                 raise SuiteError(f"{path}: [methods.{v.name}] task {t!r} is not a task of this suite")
@@ -234,6 +242,8 @@ class Runner:
         from dapolicy.training.rundir import RunDir
 
         v = self.suite.variants[variant]
+        if v.run_of:
+            return self.ensure_trained(v.run_of, task, seed)
         run = self.run_dir(variant, task, seed)
         if _finished(run):
             return run
