@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "render-ood": ("dapolicy.render_ood", "write a PNG grid of the out-of-distribution perturbations"),
     "train": ("dapolicy.train", "train a policy (for DAP: VAE, dynamics model, then policy)"),
     "eval": ("dapolicy.evaluate", "seeded closed-loop evaluation, in distribution or OOD"),
+    "robustness": ("dapolicy.robustness", "success vs OOD perturbation strength, one line per run (PNG + JSON)"),
     "diagnose": ("dapolicy.diagnose", "Fig. 2 of the paper: quality of the extrapolated estimates vs tau"),
     "bench": ("dapolicy.bench", "per-chunk inference latency of each coupling mode, as ratios to the plain policy"),
     "benchmark": ("dapolicy.benchmark", "methods x tasks x seeds x evaluation suites, resumable, results in benchmarks/"),
@@ -31,21 +32,69 @@ def _headless_defaults() -> None:
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 
+#: Set to show the full traceback of an error (also `dap --debug COMMAND ...`).
+DEBUG_ENV = "DAP_DEBUG"
+
+# Errors a user can cause and fix (a wrong path, a bad value, a corrupt file): one line, no traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
+                                                 IsADirectoryError, PermissionError, KeyError)
+
+
+def _missing_extra(err: ModuleNotFoundError) -> str:
+    """What to install for a missing optional module."""
+    name = (err.name or "").split(".")[0]
+    extras = {"metaworld": "sim", "gym_pusht": "sim", "pymunk": "sim", "mujoco": "sim", "pygame": "sim",
+              "pyarrow": "lerobot", "av": "lerobot", "tensorboard": None, "wandb": None}
+    if name in extras and extras[name]:
+        return f"the {name!r} package is missing: install the extra with  pip install 'dapolicy[{extras[name]}]'"
+    return f"the {name!r} package is missing: pip install {name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     _headless_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="dap", description="DAP: Dynamics-Aligned Flow Matching Policy")
+    debug = bool(os.environ.get(DEBUG_ENV))
+    if argv[:1] == ["--debug"]:
+        debug, argv = True, argv[1:]
+    parser = argparse.ArgumentParser(prog="dap", description="DAP: Dynamics-Aligned Flow Matching Policy",
+                                     epilog=f"Errors print one line; `dap --debug COMMAND ...` (or {DEBUG_ENV}=1) "
+                                            "shows the traceback.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         if argv[:1] == [name]:  # only the chosen command's module is imported
-            importlib.import_module(module).configure_parser(p)
+            try:
+                importlib.import_module(module).configure_parser(p)
+            except ModuleNotFoundError as err:
+                if debug:
+                    raise
+                print(f"dap {name}: error: {_missing_extra(err)}", file=sys.stderr)
+                return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    code = importlib.import_module(args._module).run(args)
+    try:
+        code = importlib.import_module(args._module).run(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\ndap {args.command}: interrupted (finished work is kept; rerun the same command to continue)",
+              file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as err:
+        if debug:
+            raise
+        print(f"dap {args.command}: error: {_missing_extra(err)}", file=sys.stderr)
+        return 2
+    except _USER_ERRORS as err:
+        if debug:
+            raise
+        message = str(err) if not isinstance(err, KeyError) else f"missing key {err}"
+        print(f"dap {args.command}: error: {message}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 
