@@ -21,6 +21,8 @@ from dapolicy.spec import EnvSpec
 METHOD_MODULES: dict[str, str] = {
     "dap": "dapolicy.policies.dap",
     "fm": "dapolicy.policies.fm",
+    "uva": "dapolicy.policies.uva",
+    "pi0": "dapolicy.policies.pi0",
 }
 SIZES: tuple[str, ...] = ("tiny", "small", "paper")
 MODEL_SUBDIR = "model"
