@@ -1,4 +1,4 @@
-"""`dap collect`: generate expert and random episodes into an episode store (DESIGN §3).
+"""`dap collect`: generate expert and random episodes into an episode store (docs/benchmark.md).
 
 Three sources, recorded in every episode's meta:
   expert        the env's scripted expert from `reset(seed)`, stopped a few steps after success or at the

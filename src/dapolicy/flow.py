@@ -1,4 +1,6 @@
-"""The one flow-matching convention of the project (DESIGN §1.1). No other module re-derives it.
+"""The one flow-matching convention of the project (docs/method.md, "Flow matching").
+
+No other module re-derives it.
 
 tau in [0, 1]: tau = 0 is pure noise, tau = 1 is data.
     path          x_tau = (1 - tau) * eps + tau * x1,   eps ~ N(0, I)

@@ -1,7 +1,7 @@
 """Small statistics used by evaluation and diagnostics.
 
 Success rates over a few dozen seeded episodes swing by several points, so every rate we report carries a
-95% Wilson score interval (DESIGN §3): unlike the normal approximation it stays inside [0, 1] and is
+95% Wilson score interval (docs/benchmark.md): unlike the normal approximation it stays inside [0, 1] and is
 sensible at 0/n and n/n, which are common with small evaluations.
 """
 

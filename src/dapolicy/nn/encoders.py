@@ -1,4 +1,6 @@
-"""Observation encoders that turn images or VAE latents into context tokens for the policy (DESIGN §1.4).
+"""Observation encoders that turn images or VAE latents into context tokens for the policy.
+
+See docs/method.md, "Policy".
 
 * `ResNetGN`: a small ResNet with GroupNorm (BatchNorm is a poor fit for small-batch, EMA-averaged
   behaviour-cloning training, as Diffusion Policy found), for the end-to-end variant. Its last feature map

@@ -1,4 +1,6 @@
-"""KL-regularised convolutional image autoencoder: the latent space of the dynamics model (DESIGN §1.2).
+"""KL-regularised convolutional image autoencoder: the latent space of the dynamics model.
+
+See docs/method.md, "Image autoencoder".
 
 The dynamics model predicts next frames in a compact latent space instead of pixels, which makes it cheap
 enough to run at every flow step of coupled generation. The autoencoder is trained first on all images

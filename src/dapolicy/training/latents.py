@@ -1,7 +1,7 @@
 """The latent cache: VAE latents of every frame, encoded once per trained VAE and kept in RUN/cache.
 
 The dynamics and policy stages only need the frozen VAE's latents, so encoding each frame once instead of
-every time it is sampled removes the VAE from the inner loop (DESIGN §4). The cache is keyed by the data
+every time it is sampled removes the VAE from the inner loop. The cache is keyed by the data
 (frame count, episode ends, image shape) and by the VAE itself: a probe of frames is re-encoded and must
 match the cached rows, which catches retrained weights and a changed latent scale alike.
 """
