@@ -176,11 +176,19 @@ class RecedingHorizonController:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def normalize_ood(kind: str) -> str:
-    """Accept the CLI spelling `novel-object` for the kind `novel_object`."""
-    kind = kind.replace("-", "_")
-    if kind != "all" and kind not in OOD_SUITE:
-        raise ValueError(f"unknown OOD kind {kind!r}: expected one of {', '.join(OOD_SUITE)} or all")
-    return kind
+    """Canonical --ood value: "all", or "kind" / "kind:strength" as `OODConfig.parse` reads it (the one parser;
+    it also accepts the CLI spelling `novel-object` and the blind control, which "all" leaves out)."""
+    if isinstance(kind, str) and kind.strip().lower() == "all":
+        return "all"
+    return OODConfig.parse(kind).spec
+
+
+def _ood_argument(value: str) -> str:
+    """argparse type for --ood: a bad value is a usage error naming the problem."""
+    try:
+        return normalize_ood(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def result_name(ood: str, mode: str | None = None, steps: int | None = None) -> str:
@@ -274,8 +282,10 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
              device: str | None = "cpu") -> dict[str, Any]:
     """Evaluate the policy of `run_dir` (a run folder or a model folder) and write `<out_dir>/<name>.json`.
 
-    ood: none | light | distractor | novel_object | all (all: every suite, plus summary.json / summary.md;
-        then the return value is {"suites": {kind: result}, "summary": [...]}).
+    ood: none | light | distractor | novel_object | blind | all, a perturbation optionally with a strength
+        ("light:0.8", result name "light@0.8"; docs/ood.md); blind = grey images, a control for whether the
+        task needs vision. all: none + the three perturbations, plus summary.json / summary.md; then the
+        return value is {"suites": {kind: result}, "summary": [...]}.
     env: task name; default the one the model was trained on (`policy.spec.name`).
     mode / flow_steps: coupling mode and number of flow steps K; None = the policy's defaults.
     max_steps: episode length limit; default the task's `spec.max_steps`.
@@ -298,9 +308,11 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
 
     spec: EnvSpec = policy.spec
     env_name = env or spec.name
-    name = name or result_name(ood, mode, flow_steps)
-    environment = env_factory(env_name, image_size=spec.image_size, cameras=tuple(spec.cameras),
-                              ood=OODConfig(kind=ood))
+    ood_config = OODConfig.parse(ood)
+    name = name or result_name(ood_config.label, mode, flow_steps)
+    # blind: the env renders as in distribution and the wrapper greys the images the policy sees
+    environment = ood_config.wrap(env_factory(env_name, image_size=spec.image_size, cameras=tuple(spec.cameras),
+                                              ood=ood_config.for_env()))
     try:
         _check_env(environment.spec, spec)
         limit = max_steps if max_steps is not None else environment.spec.max_steps
@@ -320,7 +332,9 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
     result = {
         "name": name,
         "env": env_name,
-        "ood": ood,
+        "ood": ood_config.label,
+        "ood_kind": ood_config.kind,
+        "ood_strength": ood_config.strength,
         "method": policy.method,
         "n_episodes": len(records),
         "n_success": n_success,
@@ -402,9 +416,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder (with model/) or a saved model folder")
     parser.add_argument("--episodes", type=int, default=50, help="seeded episodes per suite (default 50)")
-    parser.add_argument("--ood", default="none", choices=["none", "light", "distractor", "novel-object",
-                                                          "novel_object", "all"],
-                        help="out-of-distribution suite; 'all' runs every suite and writes a summary")
+    parser.add_argument("--ood", default="none", type=_ood_argument,
+                        help="none, light, distractor, novel-object, blind or all, a perturbation optionally with "
+                             "a strength (light:0.8; docs/ood.md); 'all' runs none + the three perturbations and "
+                             "writes a summary")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"episode i uses env seed SEED+i (default {DEFAULT_SEED}, disjoint from training)")
     parser.add_argument("--env", default=None, help="task name (default: the one the model was trained on)")

@@ -1,8 +1,9 @@
 """`dap render-ood`: one PNG showing what each out-of-distribution suite does to the observations.
 
-Rows: none / light / distractor / novel_object; columns: seeds x cameras. Each cell is the first frame after
-`reset(seed)` (optionally after a few expert steps), so a cell shows exactly what an evaluation episode with
-that seed starts from.
+Rows: none / light / distractor / novel_object by default, or the `--ood` list (strengths too: `--ood
+light:0,light:1,light:2` shows one perturbation growing; `blind` the grey control); columns: seeds x cameras.
+Each cell is the first frame after `reset(seed)` (optionally after a few expert steps), so a cell shows exactly
+what an evaluation episode with that seed starts from.
 """
 
 from __future__ import annotations
@@ -21,17 +22,25 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 ROWS: tuple[str, ...] = ("none", *OOD_KINDS)
-_LABEL_WIDTH = 96
+_LABEL_WIDTH = 112
 _HEADER_HEIGHT = 28
 _GAP = 2
 
 
+def row_label(ood: str) -> str:
+    """A row's name: the kind, with its strength for a perturbation (so a strength sweep reads as one)."""
+    config = OODConfig.parse(ood)
+    return f"{config.kind}@{config.strength:g}" if config.kind in OOD_KINDS else config.kind
+
+
 def capture(env_name: str, kind: str, seeds: Sequence[int], image_size: int = 64,
             cameras: tuple[str, ...] | None = None, steps: int = 0) -> tuple[tuple[str, ...], list[list[np.ndarray]]]:
-    """Frames of one OOD kind: for each seed, one uint8 [S,S,3] image per camera (after `steps` expert steps)."""
+    """Frames of one OOD spec ("light", "light:1.5", "blind", ...): for each seed, one uint8 [S,S,3] image per
+    camera (after `steps` expert steps), as the policy would see them."""
     from dapolicy.envs.base import make_env
 
-    env = make_env(env_name, image_size=image_size, cameras=cameras, ood=OODConfig(kind=kind))
+    config = OODConfig.parse(kind)
+    env = config.wrap(make_env(env_name, image_size=image_size, cameras=cameras, ood=config.for_env()))
     try:
         frames = []
         for seed in seeds:
@@ -48,7 +57,7 @@ def capture(env_name: str, kind: str, seeds: Sequence[int], image_size: int = 64
 
 def render_grid(env_name: str, seeds: Sequence[int], image_size: int = 64, cameras: tuple[str, ...] | None = None,
                 scale: int | None = None, steps: int = 0, kinds: Sequence[str] = ROWS) -> "Image":
-    """The labelled grid image (rows = OOD kinds, columns = seed x camera)."""
+    """The labelled grid image (rows = OOD specs, columns = seed x camera)."""
     from PIL import Image as PILImage
     from PIL import ImageDraw
 
@@ -68,7 +77,7 @@ def render_grid(env_name: str, seeds: Sequence[int], image_size: int = 64, camer
             draw.text((x + 2, 14), cam[:max(4, cell // 6)], fill=(90, 90, 90))
     for ri, (kind, (_, frames)) in enumerate(zip(kinds, rows)):
         y = _HEADER_HEIGHT + ri * (cell + _GAP)
-        draw.text((4, y + cell // 2 - 6), kind, fill=(0, 0, 0))
+        draw.text((4, y + cell // 2 - 6), row_label(kind), fill=(0, 0, 0))
         for si, per_cam in enumerate(frames):
             for ci, img in enumerate(per_cam):
                 x = _LABEL_WIDTH + (si * len(cams) + ci) * (cell + _GAP)
@@ -78,10 +87,13 @@ def render_grid(env_name: str, seeds: Sequence[int], image_size: int = 64, camer
 
 
 def render_ood(env_name: str, out: str | Path, n_seeds: int = 4, image_size: int = 64, seed_start: int = 0,
-               cameras: tuple[str, ...] | None = None, scale: int | None = None, steps: int = 0) -> Path:
+               cameras: tuple[str, ...] | None = None, scale: int | None = None, steps: int = 0,
+               kinds: Sequence[str] = ROWS) -> Path:
     """Write the grid to `out` (PNG, written to a temp name and renamed so a partial file never appears)."""
     out = Path(out)
-    grid = render_grid(env_name, list(range(seed_start, seed_start + n_seeds)), image_size, cameras, scale, steps)
+    kinds = [OODConfig.parse(k).spec for k in kinds]  # every row's spelling is checked before any rendering
+    grid = render_grid(env_name, list(range(seed_start, seed_start + n_seeds)), image_size, cameras, scale, steps,
+                       kinds)
     atomic_write_bytes(out, lambda f: grid.save(f, format="PNG"))
     return out
 
@@ -95,6 +107,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cameras", default=None, help="comma-separated camera names (default: the env's)")
     p.add_argument("--scale", type=int, default=None, help="integer upscaling of each cell (default: to ~128 px)")
     p.add_argument("--steps", type=int, default=0, help="expert steps before the frame is taken (default 0)")
+    p.add_argument("--ood", default=",".join(ROWS),
+                   help="comma-separated rows, each kind[:strength], e.g. light:0,light:1,light:2 or blind "
+                        f"(default {','.join(ROWS)})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,7 +117,16 @@ def run(args: argparse.Namespace) -> int:
         print("dap render-ood: error: --seeds must be >= 1", file=sys.stderr)
         return 2
     cameras = tuple(c for c in args.cameras.split(",") if c) if args.cameras else None
+    kinds = [k.strip() for k in args.ood.split(",") if k.strip()]
+    if not kinds:
+        print("dap render-ood: error: --ood names no rows", file=sys.stderr)
+        return 2
+    try:
+        kinds = [OODConfig.parse(k).spec for k in kinds]
+    except ValueError as err:
+        print(f"dap render-ood: error: --ood: {err}", file=sys.stderr)
+        return 2
     path = render_ood(args.env, args.out, args.seeds, args.image_size, args.seed_start, cameras, args.scale,
-                      args.steps)
+                      args.steps, kinds)
     print(f"wrote {path}")
     return 0

@@ -36,7 +36,7 @@ with warnings.catch_warnings():  # gymnasium/metaworld import-time deprecation c
 
 from dapolicy.envs.base import Observation, StepResult  # noqa: E402
 from dapolicy.spec import EnvSpec
-from dapolicy.envs.perturbations import OODConfig  # noqa: E402
+from dapolicy.envs.perturbations import OODConfig, blind_observation  # noqa: E402
 
 DEFAULT_CAMERAS: tuple[str, ...] = ("corner4", "gripperPOV")
 ACTION_DIM = 4
@@ -53,6 +53,7 @@ _TABLE_X = (-0.65, 0.65)  # table top (world x, y) that a pushed-away distractor
 _TABLE_Y = (0.25, 0.95)
 _VISIBLE_GROUPS = (0, 1, 2)  # geom groups a default mjvOption draws
 _DEFAULT_GEOM_RGBA = np.array([0.5, 0.5, 0.5, 1.0], dtype=np.float32)  # MuJoCo's "unset" geom colour
+_OBJECT_MATCH_M = 0.12  # an object position farther than this from every movable part matches none of them
 
 
 def task_names() -> tuple[str, ...]:
@@ -104,6 +105,26 @@ def expert_policy_class(task: str) -> type:
     if key not in _policy_classes():
         raise ValueError(f"no scripted expert ships for Meta-World task {task!r}")
     return _policy_classes()[key]
+
+
+def _rotation_toward(a: np.ndarray, b: np.ndarray, fraction: float) -> np.ndarray:
+    """Rotation turning unit vector a toward b by `fraction` of the angle between them (capped at pi)."""
+    full = _rotation_between(a, b)
+    if fraction == 1.0:
+        return full
+    angle = float(np.arccos(np.clip((np.trace(full) - 1.0) / 2.0, -1.0, 1.0)))
+    if angle < 1e-12 or fraction <= 0.0:
+        return np.eye(3)
+    # the axis of `full` (its skew part), or any axis orthogonal to a for a half turn
+    skew = np.array([full[2, 1] - full[1, 2], full[0, 2] - full[2, 0], full[1, 0] - full[0, 1]])
+    if np.linalg.norm(skew) > 1e-9:
+        axis = skew / np.linalg.norm(skew)
+    else:
+        axis = np.cross(a, [1.0, 0.0, 0.0] if abs(a[0]) < 0.9 else [0.0, 1.0, 0.0])
+        axis /= np.linalg.norm(axis)
+    theta = min(angle * fraction, np.pi)
+    k = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    return np.eye(3) + np.sin(theta) * k + (1.0 - np.cos(theta)) * k @ k
 
 
 def _rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -212,7 +233,8 @@ class MetaWorldEnv:
         # on import order); an atexit hook registered now runs before it (LIFO), so no EGL error at exit.
         atexit.register(_close_at_exit, weakref.ref(self))
         self._defaults = _VisualDefaults.capture(self.model)
-        self._object_geoms = self._find_object_geoms()
+        self._object_bodies: np.ndarray | None = None  # found at the first reset (needs the task's state)
+        self._object_geoms = np.zeros(0, dtype=np.int64)
         self._expert = expert_policy_class(task)()
         self._state = np.zeros(STATE_DIM)
         self._steps = 0
@@ -236,14 +258,73 @@ class MetaWorldEnv:
         if unknown:
             raise ValueError(f"unknown camera(s) {unknown} for {self.task}; available: {', '.join(names)}")
 
-    def _find_object_geoms(self) -> np.ndarray:
-        """Visible geoms of the task's own bodies: in every task the robot and table precede the mocap body."""
-        first_task_body = self.model.body("mocap").id + 1
+    def _task_body_ids(self) -> list[int]:
+        """Bodies that are neither the world, the robot (the tree holding the hand) nor the mocap body."""
         m = self.model
-        keep = [g for g in range(m.ngeom)
-                if m.geom_bodyid[g] >= first_task_body and m.geom_group[g] in _VISIBLE_GROUPS
-                and m.geom_rgba[g, 3] > 0]
-        return np.asarray(keep, dtype=np.int64)
+        robot_root = int(m.body_rootid[m.body("hand").id])
+        mocap = m.body("mocap").id
+        return [b for b in range(1, m.nbody) if int(m.body_rootid[b]) != robot_root and b != mocap]
+
+    def _moving_ancestor(self, body: int) -> int | None:
+        """`body` or its nearest ancestor with a joint (the part that moves with it), None if it is fixed."""
+        m = self.model
+        while body > 0:
+            if m.body_jntnum[body] > 0:
+                return body
+            body = int(m.body_parentid[body])
+        return None
+
+    def _subtree(self, root: int) -> list[int]:
+        m = self.model
+        return [b for b in range(m.nbody) if b == root or self._has_ancestor(b, root)]
+
+    def _has_ancestor(self, body: int, ancestor: int) -> bool:
+        while body > 0:
+            body = int(self.model.body_parentid[body])
+            if body == ancestor:
+                return True
+        return False
+
+    def _find_objects(self) -> tuple[np.ndarray, np.ndarray]:
+        """The manipulated object(s): (bodies, visible geoms), found from the task's own state, not a name list.
+
+        Meta-World reports the position of its object(s) in state[4:7] (and a second one in state[11:14]); the
+        movable part (a body with a free/slide/hinge joint, or below one) with an element (body frame, centre of
+        mass, site or geom) nearest that point is the object, with every body it carries. Coffee-push thus
+        gets the mug (its body precedes the robot in the model), button-press the button, not the box.
+        """
+        m, d = self.model, self.data
+        movable = [(b, mover) for b in self._task_body_ids() if (mover := self._moving_ancestor(b)) is not None]
+        points: list[tuple[np.ndarray, int]] = []
+        for b, mover in movable:
+            points += [(d.xpos[b], mover), (d.xipos[b], mover)]
+            points += [(d.site_xpos[i], mover) for i in np.flatnonzero(m.site_bodyid == b)]
+            points += [(d.geom_xpos[i], mover) for i in np.flatnonzero(m.geom_bodyid == b)]
+        targets = [self._state[4:7]]
+        if np.any(self._state[11:18]):  # a second object (hammer: the nail, stick-push: the thermos)
+            targets.append(self._state[11:14])
+        bodies: set[int] = set()
+        for target in targets:
+            if not points:
+                break
+            dist = [float(np.linalg.norm(p - target)) for p, _ in points]
+            best = int(np.argmin(dist))
+            if dist[best] <= _OBJECT_MATCH_M:
+                bodies.update(self._subtree(points[best][1]))
+        if not bodies:  # no movable part near the reported position: fall back on every task body
+            first_task_body = m.body("mocap").id + 1
+            bodies = set(range(first_task_body, m.nbody))
+        body_ids = np.asarray(sorted(bodies), dtype=np.int64)
+        keep = [g for g in range(m.ngeom) if int(m.geom_bodyid[g]) in bodies and m.geom_group[g] in _VISIBLE_GROUPS
+                and self._defaults.geom_rgba[g, 3] > 0]
+        return body_ids, np.asarray(keep, dtype=np.int64)
+
+    @property
+    def object_geoms(self) -> np.ndarray:
+        """Visible geom ids of the manipulated object(s), the ones novel_object recolours (after a reset)."""
+        if self._object_bodies is None:
+            raise RuntimeError("call reset(seed) first: the object is found from the task's state")
+        return self._object_geoms.copy()
 
     # ------------------------------------------------------------------------------------------- Env API
     @property
@@ -265,6 +346,8 @@ class MetaWorldEnv:
         self._state = np.asarray(state, dtype=np.float64)
         self._steps = 0
         self._has_episode = True
+        if self._object_bodies is None:
+            self._object_bodies, self._object_geoms = self._find_objects()
         self._apply_ood(int(seed))
         return self._observe()
 
@@ -318,14 +401,15 @@ class MetaWorldEnv:
 
     def _observe(self) -> Observation:
         images = {cam: self.render(cam) for cam in self.spec.cameras}
-        return {"images": images, "proprio": self._state[:PROPRIO_DIM].astype(np.float32)}
+        obs = {"images": images, "proprio": self._state[:PROPRIO_DIM].astype(np.float32)}
+        return blind_observation(obs) if self.ood.blind else obs
 
     # ----------------------------------------------------------------------------------- OOD (visual only)
     def _apply_ood(self, seed: int) -> None:
         """Reset every render-only field, then apply this episode's perturbation drawn from its own RNG."""
         self._defaults.restore(self.model)
         self._distractors = []
-        kind = self.ood.kind
+        kind = self.ood.kind if self.ood.perturbs else "none"  # strength 0: the in-distribution frames, exactly
         rng = self.ood.rng(seed)
         if kind == "light":
             self._apply_light(self.ood.draw_light(rng))
@@ -338,7 +422,8 @@ class MetaWorldEnv:
         mujoco.mj_camlight(self.model, self.data)
 
     def _apply_light(self, light: dict[str, Any]) -> None:
-        """Scale and tint every light (headlight included) and turn the scene lights toward `direction`."""
+        """Scale and tint every light (headlight included) and turn the scene lights toward `direction` (by the
+        fraction `turn` of the angle, at most half a circle)."""
         d = self._defaults
         gain = float(light["brightness"]) * np.asarray(light["color"], dtype=np.float64)
         m = self.model
@@ -349,14 +434,16 @@ class MetaWorldEnv:
         m.vis.headlight.ambient[:] = d.head_ambient * gain
         m.vis.headlight.specular[:] = d.head_specular * gain
         if m.nlight:
-            rot = _rotation_between(d.light_dir.mean(axis=0), np.asarray(light["direction"], dtype=np.float64))
+            rot = _rotation_toward(d.light_dir.mean(axis=0), np.asarray(light["direction"], dtype=np.float64),
+                                   float(light.get("turn", 1.0)))
             dirs = d.light_dir @ rot.T
             m.light_dir[:] = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
             m.light_pos[:] = d.light_pos @ rot.T
 
     def _apply_novel_object(self, rng: np.random.Generator) -> None:
-        """Recolour the task object (one new colour per original material/colour, so its parts stay distinct)
-        and, with `change_shape`, give it another texture of the model. Geometry is kept: it is physics."""
+        """Recolour the manipulated object (one new colour per original material/colour, so its parts stay
+        distinct) and, with `change_shape`, give it another texture of the model. Geometry is kept: it is
+        physics."""
         m = self.model
         groups: dict[tuple, list[int]] = {}
         for g in self._object_geoms:
@@ -369,8 +456,9 @@ class MetaWorldEnv:
             for g in geoms:
                 m.geom_rgba[g, :3] = color
                 m.geom_rgba[g, 3] = original[3]
-            if self.ood.change_shape and textured:
-                mat = int(textured[int(rng.integers(len(textured)))])
+            retexture = self.ood.draw_retexture(rng)
+            mat = int(textured[int(rng.integers(len(textured)))]) if textured else -1
+            if retexture and mat >= 0:
                 for g in geoms:
                     m.geom_matid[g] = mat
 
@@ -415,9 +503,11 @@ class MetaWorldEnv:
         return np.array([np.clip(xy[0], *_TABLE_X), np.clip(xy[1], *_TABLE_Y)])
 
     def _protected_points(self) -> list[np.ndarray]:
-        """xy of every task body at this episode's start, and of the goal."""
+        """xy of every task body (the manipulated object's included) at this episode's start, and of the goal."""
         first_task_body = self.model.body("mocap").id + 1
-        points = [self.data.xpos[b, :2].copy() for b in range(first_task_body, self.model.nbody)]
+        bodies = set(range(first_task_body, self.model.nbody))
+        bodies.update(int(b) for b in (self._object_bodies if self._object_bodies is not None else ()))
+        points = [self.data.xpos[b, :2].copy() for b in sorted(bodies)]
         target = getattr(self._env, "_target_pos", None)
         if target is not None:
             points.append(np.asarray(target, dtype=np.float64)[:2])
@@ -436,7 +526,7 @@ class MetaWorldEnv:
 def run_expert(task: str, episodes: int, image_size: int = 64, seed_start: int = 0, max_steps: int = 150,
                ood: str = "none") -> dict[str, float]:
     """Roll the scripted expert (with rendering) until success or max_steps; success rate, lengths, speed."""
-    env = MetaWorldEnv(task, image_size=image_size, ood=OODConfig(kind=ood), max_steps=max_steps)
+    env = MetaWorldEnv(task, image_size=image_size, ood=OODConfig.parse(ood), max_steps=max_steps)
     successes, lengths, total_steps = 0, [], 0
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
@@ -464,7 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed-start", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=150)
-    parser.add_argument("--ood", default="none", choices=["none", "light", "distractor", "novel_object"])
+    parser.add_argument("--ood", default="none", help="none, light, distractor, novel_object or blind, "
+                        "optionally ':strength' (e.g. light:1.5)")
     args = parser.parse_args(argv)
     r = run_expert(args.task, args.episodes, args.image_size, args.seed_start, args.max_steps, args.ood)
     print(f"{args.task}: success {r['successes']}/{r['episodes']} ({100 * r['success_rate']:.1f}%), "

@@ -9,6 +9,8 @@ the same seed + actions, give identical states with or without them:
 - light: brightness x RGB gains x a linear gradient across the board from the light's horizontal direction;
 - distractor: boxes, discs and triangles painted on the board, beneath the block and the agent;
 - novel_object: the T in a new colour, plus (change_shape) stripes fixed to the block's own frame.
+Strength s (docs/ood.md) scales the draws in perturbations.py; here it also scales the light's gradient and the
+stripes' contrast. s = 0 renders the in-distribution frame exactly; "blind" greys the frame.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from dapolicy.envs.experts.pusht_planner import (
     to_local,
     to_world,
 )
-from dapolicy.envs.perturbations import OODConfig
+from dapolicy.envs.perturbations import OODConfig, blind_observation
 
 WORKSPACE = 512.0  # gym-pusht's board, in pixels
 AGENT_RADIUS = 15.0
 BLOCK_COLOR = np.array([119, 136, 153]) / 255.0  # pygame "LightSlateGray", gym-pusht's T
 FILL_GAIN = 1.2  # gym-pusht fills polygons with 1.2x the shape colour (outline in the colour itself)
+LIGHT_GRADIENT = 0.5  # brightness change across the board from an off-centre light, at strength 1
 
 
 class PushTEnv:
@@ -125,14 +128,15 @@ class PushTEnv:
     # -- observation and perturbations ----------------------------------------------------------------------
     def _observation(self, raw: dict[str, np.ndarray]) -> Observation:
         image = np.ascontiguousarray(raw["pixels"], dtype=np.uint8)
-        if self.ood.kind != "none":
+        if self.ood.perturbs:
             image = self._perturb(image)
-        return {"images": {"top": image}, "proprio": np.asarray(raw["agent_pos"], dtype=np.float32)}
+        obs = {"images": {"top": image}, "proprio": np.asarray(raw["agent_pos"], dtype=np.float32)}
+        return blind_observation(obs) if self.ood.blind else obs
 
     def _draw_ood(self, seed: int) -> dict[str, Any]:
         """Draw this episode's perturbation from the OOD config's own generator (never the physics RNG)."""
         kind = self.ood.kind
-        if kind == "none":
+        if not self.ood.perturbs:  # none, blind, or strength 0
             return {}
         rng = self.ood.rng(seed)
         if kind == "light":
@@ -144,9 +148,11 @@ class PushTEnv:
             return {"distractors": items}
         params: dict[str, Any] = {"block_color": self.ood.draw_object_color(rng, BLOCK_COLOR)}
         if self.ood.change_shape:
-            params["stripes"] = {"period": float(rng.uniform(14.0, 26.0)),  # px on the board
-                                 "angle": float(rng.uniform(0.0, math.pi)),
-                                 "shade": float(rng.uniform(0.35, 0.6))}
+            period = float(rng.uniform(14.0, 26.0))  # px on the board
+            angle = float(rng.uniform(0.0, math.pi))
+            darkening = 1.0 - float(rng.uniform(0.35, 0.6))  # at strength 1; scaled by the strength
+            params["stripes"] = {"period": period, "angle": angle,
+                                 "shade": max(0.05, 1.0 - float(self.ood.strength) * darkening)}
         return params
 
     def _paint_block(self, color: np.ndarray) -> None:
@@ -164,7 +170,9 @@ class PushTEnv:
         if "distractors" in p:
             image = self._apply_distractors(image, p["distractors"])
         if "light" in p:
-            image = apply_light(image, **p["light"])
+            light = p["light"]
+            image = apply_light(image, light["brightness"], light["color"], light["direction"],
+                                gradient=LIGHT_GRADIENT * float(light.get("turn", 1.0)))
         return image
 
     def _object_mask(self, with_agent: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -243,7 +251,7 @@ def draw_shape(layer: np.ndarray, painted: np.ndarray, item: dict[str, Any], siz
 
 
 def apply_light(image: np.ndarray, brightness: float, color: np.ndarray, direction: np.ndarray,
-                gradient: float = 0.5) -> np.ndarray:
+                gradient: float = LIGHT_GRADIENT) -> np.ndarray:
     """Relight a top-down frame: brightness x per-channel gains x a linear falloff across the board.
 
     The light travels along `direction` (unit 3-vector, z down); its horizontal part makes the side it comes
