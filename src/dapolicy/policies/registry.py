@@ -23,6 +23,8 @@ METHOD_MODULES: dict[str, str] = {
     "fm": "dapolicy.policies.fm",
     "uva": "dapolicy.policies.uva",
     "pi0": "dapolicy.policies.pi0",
+    "dp-c": "dapolicy.policies.dp_c",
+    "dp-t": "dapolicy.policies.dp_t",
 }
 SIZES: tuple[str, ...] = ("tiny", "small", "paper")
 MODEL_SUBDIR = "model"
