@@ -1,42 +1,18 @@
-"""A tiny synthetic task that the three models must actually learn.
+"""DAP on a tiny task that needs its camera: the three models must actually learn.
 
-A white square sits at position s in a 32-px image (one camera); the demonstrated chunk moves it towards
-the centre: every action equals (c - s) / 2. The next frame (k = T_a steps later) shows the moved square.
+A square sits at a random position in a 32-px image (one camera); the demonstrated chunk moves it towards the
+centre (tests/conftest.py). The proprio is constant, so a policy can only act right by reading the image: the
+control below blanks the images and must do clearly worse.
 """
 
 import numpy as np
 import torch
+from conftest import SQUARE_SPEC, square_windows
 
-from dapolicy.spec import EnvSpec
-from dapolicy.policies import DAPPolicy, make_policy
-
-SPEC = EnvSpec(name="square", cameras=("top",), image_size=32, action_dim=2, proprio_dim=2, max_steps=50)
-CENTER = np.array([0.5, 0.5], dtype=np.float32)
+from dapolicy.policies import make_policy
 
 
-def _render(pos: np.ndarray) -> np.ndarray:
-    img = np.zeros((len(pos), 32, 32, 3), np.uint8)
-    for i, (x, y) in enumerate(pos):
-        cx, cy = int(4 + x * 24), int(4 + y * 24)
-        img[i, cy - 3:cy + 3, cx - 3:cx + 3] = (255, 200, 80)
-    return img
-
-
-def _dataset(rng: np.random.Generator, n: int) -> dict[str, torch.Tensor]:
-    s = rng.uniform(0.05, 0.95, size=(n, 2)).astype(np.float32)
-    step = (CENTER - s) / 2.0
-    action = np.repeat(step[:, None] * 0.1, 16, axis=1)
-    nxt = s + action[:, :8].sum(1)
-    return {
-        "images": torch.as_tensor(_render(s)[:, None, None].repeat(2, axis=1)),  # [N, T_o=2, C=1, S, S, 3]
-        "next_images": torch.as_tensor(_render(nxt)[:, None]),
-        "proprio": torch.as_tensor(np.repeat(s[:, None], 2, axis=1)),
-        "action": torch.as_tensor(action),
-        "action_is_pad": torch.zeros(n, 16, dtype=torch.bool),
-    }
-
-
-def _train(policy: DAPPolicy, data: dict, stage: str, steps: int, lr: float, rng) -> list[float]:
+def _train(policy, data: dict, stage: str, steps: int, lr: float, rng) -> list[float]:
     module = policy.stage_module(stage)
     opt = torch.optim.AdamW(module.parameters(), lr=lr)
     losses = []
@@ -56,11 +32,18 @@ def _train(policy: DAPPolicy, data: dict, stage: str, steps: int, lr: float, rng
     return losses
 
 
+def _error(policy, data: dict, mode: str) -> float:
+    torch.manual_seed(0)
+    actions = policy.predict_chunk({"images": data["images"], "proprio": data["proprio"]}, mode=mode).actions
+    span = (policy.action_normalizer.high - policy.action_normalizer.low).mean().item()
+    return float(np.abs(actions - data["action"].numpy()).mean() / span)
+
+
 def test_vae_dynamics_and_policy_learn_and_coupled_sampler_reproduces_demos():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    policy = make_policy("dap", SPEC, size="tiny")
-    data = _dataset(np.random.default_rng(1), 256)
+    policy = make_policy("dap", SQUARE_SPEC, size="tiny")
+    data = square_windows(256, seed=1)
     policy.fit_normalizer(type("D", (), {"action": data["action"].numpy().reshape(-1, 2),
                                          "proprio": data["proprio"].numpy().reshape(-1, 2)}))
 
@@ -69,17 +52,15 @@ def test_vae_dynamics_and_policy_learn_and_coupled_sampler_reproduces_demos():
     data["latents"] = policy.encode_latents(data["images"])  # cached once, as the trainer does
     data["next_latents"] = policy.encode_latents(data["next_images"])
     dyn_losses = _train(policy, data, "dynamics", 150, 3e-3, rng)
-    pol_losses = _train(policy, data, "policy", 250, 3e-3, rng)
+    pol_losses = _train(policy, data, "policy", 300, 3e-3, rng)
 
     for name, losses in (("vae", vae_losses), ("dynamics", dyn_losses), ("policy", pol_losses)):
         start, end = np.mean(losses[:10]), np.mean(losses[-20:])
         assert end < 0.5 * start, f"{name} loss did not fall clearly: {start:.4f} -> {end:.4f}"
 
-    test = _dataset(np.random.default_rng(2), 64)
-    torch.manual_seed(0)
-    actions = policy.predict_chunk({"images": test["images"], "proprio": test["proprio"]}, mode="jacobi").actions
-    target = test["action"].numpy()
-    span = policy.action_normalizer.high - policy.action_normalizer.low
-    err = np.abs(actions - target).mean() / span.mean().item()
-    # Tolerance: mean absolute error below 10% of the demonstrated action range.
-    assert err < 0.10, f"coupled sampler misses the demonstrated actions by {err:.3f} of the action range"
+    test = square_windows(64, seed=2)
+    sighted = _error(policy, test, "jacobi")
+    blind = _error(policy, {**test, "images": torch.full_like(test["images"], 128)}, "jacobi")
+    # Mean absolute error below 6% of the demonstrated action range, and the blind control far worse.
+    assert sighted < 0.06, f"coupled sampler misses the demonstrated actions by {sighted:.3f} of the range"
+    assert blind > 1.6 * sighted, f"blind {blind:.3f} vs sighted {sighted:.3f}: the task did not need the image"
