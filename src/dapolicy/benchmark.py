@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dapolicy.atomic import write_json_atomic
+from dapolicy.atomic import atomic_write_bytes, write_json_atomic
 from dapolicy.stats import wilson_interval
 
 SPLITS = ("test", "validation")
@@ -340,20 +341,24 @@ def write_reports(suite: Suite) -> dict[str, Path]:
             continue
         stem = "results" if split == "test" else "results_validation"
         csv_path = suite.results_dir / f"{stem}.csv"
-        tmp = csv_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            for c in sorted(cells, key=lambda c: (c["task"], c["method"], c["suite"], c["seed"])):
-                writer.writerow({**{k: c.get(k) for k in CSV_COLUMNS}, "ci_low": c["ci95"][0], "ci_high": c["ci95"][1]})
-        tmp.replace(csv_path)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for c in sorted(cells, key=lambda c: (c["task"], c["method"], c["suite"], c["seed"])):
+            writer.writerow({**{k: c.get(k) for k in CSV_COLUMNS}, "ci_low": c["ci95"][0], "ci_high": c["ci95"][1]})
+        _write_text(csv_path, buffer.getvalue())
         written[stem + ".csv"] = csv_path
         md = suite.results_dir / f"{stem}.md"
-        md.write_text(markdown_table(cells, suite, split))
+        _write_text(md, markdown_table(cells, suite, split))
         written[stem + ".md"] = md
         for path in plot_bars(cells, suite, split):
             written[path.name] = path
     return written
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic (several benchmark processes may rewrite the reports of one suite)."""
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def aggregate(cells: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -437,7 +442,7 @@ def plot_bars(cells: list[dict[str, Any]], suite: Suite, split: str) -> list[Pat
         ax.legend(fontsize=7, ncol=min(4, len(kinds)))
         fig.tight_layout()
         path = suite.results_dir / f"{'fig' if split == 'test' else 'fig_validation'}_{task}.png"
-        fig.savefig(path, dpi=110)
+        atomic_write_bytes(path, lambda f: fig.savefig(f, dpi=110, format="png"))
         plt.close(fig)
         paths.append(path)
     return paths
