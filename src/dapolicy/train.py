@@ -6,6 +6,11 @@
     dap train --data runs/data --out runs/fm --method fm --steps vae=900,policy=2200
     dap train --data runs/data --out runs/gt --init-from runs/dap --stage policy --set next_obs_mix.ground_truth=1 \
         --set next_obs_mix.dynamics=0 --set next_obs_mix.null=0     # an ablation: reuse VAE + dynamics
+    torchrun --nproc_per_node 4 -m dapolicy.train --data runs/data --out runs/dap   # data-parallel, 4 GPUs
+
+`python -m dapolicy.train ...` is `dap train ...`. Under torchrun (WORLD_SIZE > 1) every process runs the
+same call: rank 0 writes the run folder, each process computes its slice of every step's batch
+(`training/distributed.py`; docs/your-data.md, "Multi-GPU and multi-node training").
 
 Python: `train(data_dir, out_dir, method="dap", config="small") -> Path` (the run folder; its `model/`
 loads with `dapolicy.policies.load_pretrained`). The run folder layout is described in `training/rundir.py`.
@@ -14,15 +19,19 @@ loads with `dapolicy.policies.load_pretrained`). The run folder layout is descri
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from dapolicy import __version__
+from dapolicy.training import distributed
 from dapolicy.training.config import TrainConfig, auto_threads, parse_steps
+from dapolicy.training.distributed import DistEnv, on_main
 from dapolicy.training.loop import TrainingDiverged
 from dapolicy.training.rundir import RunDir, RunFolderError
 from dapolicy.training.trainer import Trainer, TrainRequest, environment_info
@@ -72,7 +81,8 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
           device: str | torch.device | None = "auto", threads: int | None = None, logger: str | None = None,
           progress: bool | None = None, use_best: bool | None = None, amp: bool | None = None,
           stop_after: int | None = None, overwrite: bool = False, train_config: TrainConfig | None = None,
-          policy_factory: Callable[[Any], Any] | None = None) -> Path:
+          policy_factory: Callable[[Any], Any] | None = None, grad_accum: int | None = None,
+          compile: bool | None = None, lean_data: bool | None = None) -> Path:
     """Train a policy on the episode store in `data_dir`; returns the run folder `out_dir`.
 
     method, config: a registered method ("dap", "fm", ...; `dap info` lists them) and a named size ("tiny",
@@ -83,25 +93,58 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
         and normalisers) instead of trained. With it, `stage` defaults to the last stage.
     stage: "all", one stage, or a list; a later stage alone loads the earlier stages from `out_dir/model`.
     steps / batch_size / lr: per-stage budgets over the method's presets (N for every selected stage,
-        "vae=900,policy=2200", or a dict).
+        "vae=900,policy=2200", or a dict). batch_size is the global batch of a step, over all processes.
     resume: continue the run in `out_dir` from `checkpoints/last.pt` (finished stages are skipped). The
-        result is bit-identical to an uninterrupted run with the same seed, device and thread count.
+        result is bit-identical to an uninterrupted run with the same seed, device, thread count and number
+        of processes; on another number of processes it is the same up to float rounding.
     stop_after: stop cleanly after this many optimizer steps in this call (checkpoint written); continue
         with resume=True.
     overwrite: start over in an `out_dir` that already holds a run (deletes its checkpoints and model).
     train_config: a full TrainConfig to start from instead of the size's defaults.
     policy_factory: build the policy from the EnvSpec instead of the registry (any `Policy` works).
+    grad_accum: micro-batches per process and step (default 1, or what a resumed run used): the run's micro-batch
+        count becomes processes x grad_accum and is stored with the run. amp: bfloat16 autocast on CUDA.
+        compile: `torch.compile` the loss. lean_data: memory-mapped images (`EpisodeStore.load(lazy=True)`).
+        amp, compile and lean_data are stored with the run too (None keeps the stored value).
+    Under torchrun (WORLD_SIZE > 1) the call joins the process group (gloo on CPU, NCCL on CUDA, each process on
+    cuda:LOCAL_RANK) unless the caller already did, and leaves it at the end if it joined it.
     Raises TrainingDiverged (loss became NaN/inf), RunFolderError, StoreError, ValueError.
     """
+    env = distributed.env_from_os()
+    dev = distributed.device_for(env, _resolve_device(device))
+    created = distributed.init(env, dev)
+    try:
+        return _train(data_dir, out_dir, method, config, stage, steps, seed, resume, overrides=overrides,
+                      config_file=config_file, init_from=init_from, batch_size=batch_size, lr=lr, dev=dev,
+                      threads=threads, logger=logger, progress=progress, use_best=use_best, amp=amp,
+                      stop_after=stop_after, overwrite=overwrite, train_config=train_config,
+                      policy_factory=policy_factory, grad_accum=grad_accum, compile=compile, lean_data=lean_data,
+                      env=distributed.current())
+    finally:
+        distributed.shutdown(created)
+
+
+def _train(data_dir: str | Path, out_dir: str | Path, method: str | None, config: str | None,
+           stage: str | Sequence[str] | None, steps: Any, seed: int | None, resume: bool, *, overrides: Any,
+           config_file: Any, init_from: Any, batch_size: Any, lr: float | None, dev: torch.device,
+           threads: int | None, logger: str | None, progress: bool | None, use_best: bool | None,
+           amp: bool | None, stop_after: int | None, overwrite: bool, train_config: TrainConfig | None,
+           policy_factory: Callable[[Any], Any] | None, grad_accum: int | None, compile: bool | None,
+           lean_data: bool | None, env: DistEnv) -> Path:
+    """`train` in one process of the job (all of it in a single process); see `train`."""
     from dapolicy.data.store import EpisodeStore
-    from dapolicy.policies.registry import SIZES, get_method, make_config
+    from dapolicy.policies.registry import SIZES, get_method
     from dapolicy.training.checkpoint import seed_everything
 
+    if grad_accum is not None and grad_accum < 1:
+        raise ValueError(f"--grad-accum must be >= 1, got {grad_accum}")
     store = EpisodeStore.open(data_dir)  # fails before anything is written to out_dir
     run = RunDir(Path(out_dir))
-    with run.lock():  # one trainer per run folder
+    with ExitStack() as held:
+        on_main(held.enter_context, run.lock())  # one trainer per run folder (rank 0 holds the lock)
         all_stages = stage is None or (isinstance(stage, str) and stage.strip() in ("", "all"))
-        stored = _check_run_folder(run, method, config, seed, all_stages and init_from is None, resume, overwrite)
+        stored = on_main(_check_run_folder, run, method, config, seed, all_stages and init_from is None, resume,
+                         overwrite)
         method = method or (stored or {}).get("method", "dap")
         config = config or (stored or {}).get("config", "small")
         seed = seed if seed is not None else (stored or {}).get("seed", 0)
@@ -118,24 +161,49 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
         base = train_config or (TrainConfig.from_dict(stored["train"]) if stored and "train" in stored
                                 else TrainConfig.preset(config))
         cfg = _apply_overrides(base, stages or names, names, steps=steps, batch_size=batch_size, lr=lr,
-                               threads=threads, logger=logger, progress=progress, use_best=use_best, amp=amp)
-        dev = _resolve_device(device)
+                               threads=threads, logger=logger, progress=progress, use_best=use_best, amp=amp,
+                               compile=compile, lean_data=lean_data)
+        cfg = _resolve_micro_batches(cfg, grad_accum, env, stored is not None and resume)
+        cfg = distributed.broadcast_object(cfg)  # rank 0's resolution (e.g. of auto threads) holds for all
         data_path = Path(data_dir).resolve()
-        if stored is not None and stored.get("data") not in (None, str(data_path)):
+        if stored is not None and stored.get("data") not in (None, str(data_path)) and env.is_main:
             print(f"[dap train] note: {run.root} was trained on {stored['data']}, now {data_path}", file=sys.stderr)
+        if cfg.amp and dev.type != "cuda" and env.is_main:
+            print("[dap train] note: --amp (bfloat16 autocast) applies on CUDA only; training in float32",
+                  file=sys.stderr)
         source = Path(init_from).resolve() if init_from is not None else None
         request = TrainRequest(data_dir=data_path, run=run, method=method, config=config, stages=stages, seed=seed,
                                resume=resume, device=dev, stop_after=stop_after, init_from=source)
         run_config = {"method": method, "config": config, "seed": seed, "data": str(data_path),
-                      "train": cfg.to_dict(), "dapolicy_version": __version__, "environment": environment_info(dev),
+                      "train": cfg.to_dict(), "dapolicy_version": __version__,
+                      "environment": environment_info(dev, env),
                       "init_from": str(source) if source else (stored or {}).get("init_from")}
-        trainer = Trainer(request, cfg, init, run_config, store)
+        trainer = Trainer(request, cfg, init, run_config, store, env=env)
         threads_before = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         try:
             return trainer.run_all()
         finally:
             torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
+
+
+def _resolve_micro_batches(cfg: TrainConfig, grad_accum: int | None, env: DistEnv, resuming: bool) -> TrainConfig:
+    """The run's micro-batch count: processes x grad_accum when given or new; a stored run keeps its own, so a
+    resume on another number of processes accumulates instead of changing the noise of each step."""
+    stored = cfg.micro_batches
+    if grad_accum is not None:
+        count = grad_accum * env.world_size
+        if resuming and stored and count != stored and env.is_main:
+            print(f"[dap train] warning: this run used {stored} micro-batch(es) per step, now {count} "
+                  f"({env.world_size} process(es) x --grad-accum {grad_accum}): each step's noise changes, the "
+                  f"result will differ from an uninterrupted run", file=sys.stderr)
+    else:
+        count = stored or env.world_size
+    if env.is_main and env.enabled and count % env.world_size:
+        print(f"[dap train] note: {count} micro-batch(es) per step over {env.world_size} processes: "
+              f"{'some processes idle' if count < env.world_size else 'an uneven share'} (the run keeps its "
+              f"micro-batch count; pass --grad-accum to re-split it)", file=sys.stderr)
+    return cfg.with_overrides(micro_batches=count)
 
 
 def _policy_config(entry: Any, size: str, stored: dict[str, Any] | None, overrides: Any, config_file: Any,
@@ -198,7 +266,7 @@ def _apply_overrides(cfg: TrainConfig, chosen: Sequence[str], known: tuple[str, 
     if lr is not None:
         cfg = cfg.with_overrides(lr={**cfg.lr, **{s: float(lr) for s in chosen}})
     if cfg.threads == 0:  # resolved now and stored with the run, so a resume uses the same count
-        cfg = cfg.with_overrides(threads=auto_threads())
+        cfg = cfg.with_overrides(threads=auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return cfg
 
 
@@ -228,7 +296,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run")
     parser.add_argument("--batch-size", default=None,
-                        help="N for every selected stage, or vae=32,policy=64 (default 64; VAE 32 frames; tiny 8)")
+                        help="N for every selected stage, or vae=32,policy=64 (default 64; VAE 32 frames; tiny 8); "
+                             "the global batch of a step, shared by all processes")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the selected stages")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=None,
@@ -238,7 +307,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="extra metrics sink besides metrics.jsonl (must be installed)")
     parser.add_argument("--use-best", action="store_true", default=None,
                         help="save the best-validation EMA weights instead of the last ones")
-    parser.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast on CUDA")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 autocast on CUDA (stored with the run; --no-amp turns it off)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the training loss (stored with the run; --no-compile turns it off)")
+    parser.add_argument("--grad-accum", type=int, default=None, metavar="K",
+                        help="micro-batches per process and step (the global --batch-size is cut into processes x "
+                             "K pieces; default 1, or the stored split of a resumed run)")
+    parser.add_argument("--lean-data", action=argparse.BooleanOptionalAction, default=None,
+                        help="memory-mapped images instead of loading them into RAM (for stores larger than "
+                             "memory; shared by the processes of a machine; stored with the run)")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop cleanly after N optimizer steps in this call (continue with --resume)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -254,16 +332,36 @@ def run(args: argparse.Namespace) -> int:
                     steps=args.steps, seed=args.seed, resume=args.resume, batch_size=args.batch_size,
                     lr=args.lr, device=args.device, threads=args.threads, logger=args.logger,
                     progress=args.progress, use_best=args.use_best, amp=args.amp, stop_after=args.stop_after,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, grad_accum=args.grad_accum, compile=args.compile,
+                    lean_data=args.lean_data)
     except TrainingDiverged as e:
-        print(f"dap train: error: {e}", file=sys.stderr)
+        print(f"dap train: error{_rank_tag()}: {e}", file=sys.stderr)
         return 1
     except (RunFolderError, StoreError, ValueError, FileNotFoundError) as e:
-        print(f"dap train: error: {e}", file=sys.stderr)
+        print(f"dap train: error{_rank_tag()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ndap train: interrupted; continue with: dap train --data {args.data} --out {args.out} --resume",
-              file=sys.stderr)
+        if distributed.is_main():
+            print(f"\ndap train: interrupted; continue with: dap train --data {args.data} --out {args.out} "
+                  f"--resume", file=sys.stderr)
         return 130
-    print(f"run folder: {out}  (model: {out / 'model'})")
+    if distributed.is_main():
+        print(f"run folder: {out}  (model: {out / 'model'})")
     return 0
+
+
+def _rank_tag() -> str:
+    """" (rank N)" for the processes other than rank 0 of a data-parallel job, whose errors repeat rank 0's."""
+    env = distributed.current()
+    return "" if env.is_main else f" (rank {env.rank})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m dapolicy.train ...` (what torchrun starts): exactly `dap train ...`."""
+    from dapolicy.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

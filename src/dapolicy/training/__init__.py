@@ -7,7 +7,8 @@ checkpoint  atomic checkpoints, RNG state, per-step seeds (exact resume)
 batches     episode selection, validation split, step-indexed batches
 latents     the frozen-VAE latent cache
 metrics     metrics.jsonl, loss plots, optional TensorBoard / wandb
-loop        one stage's optimisation loop
+loop        one stage's optimisation loop (micro-batches, gradient accumulation)
+distributed data-parallel processes: process group, batch split, gradient all-reduce
 trainer     runs the stages into a run folder
 rundir      the run folder layout
 """

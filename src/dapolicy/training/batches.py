@@ -101,14 +101,25 @@ class StageBatches:
     def __post_init__(self) -> None:
         self._indexer = EpochIndexer(self.train_ids, self.batch_size, self.seed, self.stage)
 
-    def train(self, step: int) -> dict[str, torch.Tensor]:
-        return to_torch(self.make(self._indexer(step)), self.device)
+    def train_indices(self, step: int) -> np.ndarray:
+        """Global frame ids of step `step`'s whole batch (a process of a data-parallel job loads a slice)."""
+        return self._indexer(step)
 
-    def val(self, n_batches: int) -> list[dict[str, torch.Tensor]]:
-        """The same validation batches at every evaluation (seeded, independent of the step)."""
+    def load(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of these global ids, as tensors on the device."""
+        return to_torch(self.make(ids), self.device)
+
+    def train(self, step: int) -> dict[str, torch.Tensor]:
+        return self.load(self.train_indices(step))
+
+    def val_indices(self, n_batches: int) -> list[np.ndarray]:
+        """Global ids of the validation batches: the same at every evaluation (seeded, independent of the step)."""
         if len(self.val_ids) == 0:
             return []
         rng = np.random.default_rng(step_seed(self.seed, self.stage, 0, salt=11))
         size = min(self.batch_size, len(self.val_ids))
-        return [to_torch(self.make(rng.choice(self.val_ids, size=size, replace=False)), self.device)
-                for _ in range(n_batches)]
+        return [rng.choice(self.val_ids, size=size, replace=False) for _ in range(n_batches)]
+
+    def val(self, n_batches: int) -> list[dict[str, torch.Tensor]]:
+        """The validation batches as tensors on the device."""
+        return [self.load(ids) for ids in self.val_indices(n_batches)]

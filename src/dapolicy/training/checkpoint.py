@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
 from dapolicy.atomic import atomic_write_bytes, remove_stale_temp_files, write_json_atomic
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "remove_stale_temp_files", "save_checkpoint",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+
 @dataclass
 class TrainConfig:
     """How `dap train` optimises each stage of a policy.
@@ -39,6 +40,16 @@ class TrainConfig:
         for a descheduled thread (measured: a small-config policy step 0.65 s with 1 thread, 14 s with 2 on
         a 2-core machine running another training job).
     amp: bfloat16 autocast on CUDA (ignored on CPU).
+    compile: run the policy's `compute_loss` through `torch.compile` (faster steps on GPUs after a compile of
+        a minute or so; results are not bit-identical to eager mode).
+    micro_batches: how many contiguous micro-batches the global batch of a step is cut into, over all
+        processes (processes x `--grad-accum`); 0 = resolved when a run starts, then stored. Each micro-batch
+        draws its noise from its own seed, so a run depends on this number, not on how the micro-batches are
+        shared between processes and accumulation rounds: a resume on another number of processes keeps it
+        (and accumulates accordingly). 1 is the plain single-process step.
+    lean_data: load images as a memory-mapped uncompressed frame cache (`EpisodeStore.load(lazy=True)`) instead
+        of into RAM: for stores larger than memory, and so that the processes of one machine share one copy
+        through the page cache. Batches are the same bytes either way.
     latent_batch: frames per `encode_latents` call when the latent cache is built.
     logger: "none", "tensorboard" or "wandb" (extra sinks besides metrics.jsonl; must be installed).
     progress: show a tqdm bar per stage.
@@ -64,6 +75,9 @@ class TrainConfig:
     use_best: bool = False
     threads: int = 0
     amp: bool = False
+    compile: bool = False
+    micro_batches: int = 0
+    lean_data: bool = False
     latent_batch: int = 256
     logger: str = "none"
     progress: bool = True
@@ -73,7 +87,7 @@ class TrainConfig:
         for name in ("log_interval", "ckpt_interval", "val_batches", "latent_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "val_interval", "threads"):
+        for name in ("warmup_steps", "val_interval", "threads", "micro_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for stage, n in self.steps.items():
@@ -122,16 +136,17 @@ class TrainConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def auto_threads() -> int:
-    """CPU threads that do not oversubscribe the machine: the cores the 1-minute load leaves free (>= 1)."""
+def auto_threads(processes: int = 1) -> int:
+    """CPU threads per process that do not oversubscribe the machine: the cores the 1-minute load leaves free,
+    shared by the `processes` training processes of this machine (>= 1)."""
     import os
 
     cores = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # pragma: no cover - platforms without a load average
-        return cores
-    return max(1, min(cores, int(cores - load + 0.5)))
+        return max(1, cores // processes)
+    return max(1, min(cores, int(cores - load + 0.5)) // processes)
 
 
 def parse_steps(text: str | int | dict[str, int] | None, stages: tuple[str, ...],

@@ -43,14 +43,18 @@ def encode_all(policy: Any, images: np.ndarray, batch: int, progress: bool = Fal
         torch.manual_seed(0)  # deterministic even if the encoder samples the posterior
         for start in tqdm(range(0, len(images), batch), desc="encode latents", disable=not progress,
                           leave=False):
-            z = policy.encode_latents(images[start:start + batch])
+            chunk = images[start:start + batch]
+            if not chunk.flags.writeable:  # a lean (memory-mapped, read-only) store: torch wants a writable copy
+                chunk = np.array(chunk)
+            z = policy.encode_latents(chunk)
             chunks.append(z.detach().float().cpu().numpy() if torch.is_tensor(z) else np.asarray(z, np.float32))
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
 def cached_latents(policy: Any, images: np.ndarray, episode_ends: np.ndarray, cache_dir: Path,
-                   batch: int = 256, progress: bool = False) -> np.ndarray:
-    """Latents of all frames: loaded from `cache_dir` when still valid, else encoded and saved."""
+                   batch: int = 256, progress: bool = False, write: bool = True) -> np.ndarray:
+    """Latents of all frames: loaded from `cache_dir` when still valid, else encoded (and saved when `write`:
+    the processes of a data-parallel job other than rank 0 load the cache rank 0 wrote, never write it)."""
     cache_dir = Path(cache_dir)
     arr_path, meta_path = cache_dir / "latents.npy", cache_dir / "latents.json"
     fingerprint = data_fingerprint(images, episode_ends)
@@ -66,6 +70,8 @@ def cached_latents(policy: Any, images: np.ndarray, episode_ends: np.ndarray, ca
         except (OSError, ValueError, json.JSONDecodeError):
             pass  # unreadable cache: rebuild it
     latents = encode_all(policy, images, batch, progress=progress)
+    if not write:
+        return latents
     atomic_write_bytes(arr_path, lambda f: np.save(f, latents))
     atomic_write_json(meta_path, {"data": fingerprint, "shape": list(latents.shape)})
     return latents

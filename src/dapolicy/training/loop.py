@@ -4,7 +4,12 @@ clipping, EMA, periodic validation and checkpoints, and a hard stop on a non-fin
 Exactness: everything random in step n (batch indices, noise, tau, dropout inside `compute_loss`) is drawn
 after seeding from (seed, stage, n), and the rate is a function of n. Together with model, EMA and optimizer
 state in the checkpoint, a run resumed from any checkpoint reproduces the uninterrupted run bit for bit
-(same device, same thread count).
+(same device, same thread count, same number of processes).
+
+Data parallelism and gradient accumulation (`training/distributed.py`): the global batch of a step is cut into
+`micro_batches` contiguous pieces, each seeded from (seed, stage, n, piece); every process computes its block of
+pieces, weights each piece's loss by its share of the global batch, accumulates, and the gradients are summed
+over the processes. With one piece (the default of a single process) the step is exactly the plain one.
 """
 
 from __future__ import annotations
@@ -18,8 +23,19 @@ from typing import Any
 import torch
 
 from dapolicy.training.batches import StageBatches
-from dapolicy.training.checkpoint import save_checkpoint, set_rng_state, step_seed
+from dapolicy.training.checkpoint import save_checkpoint, set_rng_state
 from dapolicy.training.config import TrainConfig
+from dapolicy.training.distributed import (
+    DistEnv,
+    all_reduce_gradients,
+    barrier,
+    gather_objects,
+    my_pieces,
+    piece_seed,
+    split_batch,
+    sum_floats,
+    val_piece_seed,
+)
 from dapolicy.training.ema import EMA
 from dapolicy.training.metrics import MetricsLog
 from dapolicy.training.rundir import RunDir
@@ -84,6 +100,21 @@ class _Window:
     def means(self) -> dict[str, float]:
         return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
 
+    def merged(self) -> "_Window":
+        """The window over all processes: each holds the weighted sums of its own micro-batches, so the sums
+        add up; the gradient norm (and the step count and time) are the same everywhere, rank 0's are kept."""
+        parts = gather_objects(self.sums)
+        if len(parts) == 1:
+            return self
+        out = _Window()
+        out.steps, out.samples, out.seconds = self.steps, self.samples, self.seconds
+        for part in parts:
+            for k, v in part.items():
+                out.sums[k] = out.sums.get(k, 0.0) + v
+        if "grad_norm" in self.sums:
+            out.sums["grad_norm"] = self.sums["grad_norm"]
+        return out
+
 
 def _scalars(out: dict[str, Any]) -> dict[str, float]:
     res = {}
@@ -95,15 +126,30 @@ def _scalars(out: dict[str, Any]) -> dict[str, float]:
     return {(f"loss_{k}" if k in _RESERVED else k): v for k, v in res.items()}
 
 
+def _compiled(fn: Any) -> Any:
+    """`torch.compile(fn)`, drawing random numbers through eager torch's generator (inductor's own would give
+    other noise), so a compiled run follows the eager run up to float rounding and resumes exactly."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    return torch.compile(fn)
+
+
 class StageRunner:
     """Trains one stage of `policy` from step 0 or from a checkpoint."""
 
     def __init__(self, policy: Any, stage: str, batches: StageBatches, cfg: TrainConfig, run: RunDir,
-                 log: MetricsLog, seed: int, device: torch.device, extra_state: dict[str, Any]) -> None:
+                 log: MetricsLog, seed: int, device: torch.device, extra_state: dict[str, Any],
+                 env: DistEnv | None = None) -> None:
         self.policy, self.stage, self.batches, self.cfg = policy, stage, batches, cfg
         self.run, self.log, self.seed, self.device = run, log, seed, device
         self.extra_state = extra_state  # stored in checkpoints (e.g. the resolved run configuration)
         self.total, self.peak_lr, self.batch_size = cfg.budget(stage, policy.stage_preset(stage))
+        self.env = env or DistEnv()
+        self.pieces = cfg.micro_batches or self.env.world_size  # micro-batches per step, over all processes
+        self.mine = my_pieces(self.pieces, self.env)
+        self.bounds = split_batch(self.batch_size, self.pieces)
+        self.loss_fn = _compiled(policy.compute_loss) if cfg.compile else policy.compute_loss
         self.module = policy.stage_module(stage)
         policy.requires_grad_(False)
         self.module.requires_grad_(True)
@@ -131,12 +177,19 @@ class StageRunner:
                           "warmup_steps": cfg.warmup_steps, "total_steps": self.total,
                           "min_lr_ratio": cfg.min_lr_ratio},
             "best_val": self.best_val, "best_step": self.best_step,
-            "samples": self.samples, "seconds": self.seconds, **self.extra_state,
+            "samples": self.samples, "seconds": self.seconds, "micro_batches": self.pieces,
+            "world_size": self.env.world_size, **self.extra_state,
         }
 
     def save_last(self) -> None:
-        save_checkpoint(self.run.last, self._state())
+        """Write `checkpoints/last.pt` (rank 0 only: every process holds the same weights and optimizer state)."""
+        if self.env.is_main:
+            save_checkpoint(self.run.last, self._state())
         self.last_good_step = self.step
+
+    def _save_best(self) -> None:
+        if self.env.is_main:
+            save_checkpoint(self.run.best, self._state())
 
     def load(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("stage") != self.stage:
@@ -151,20 +204,35 @@ class StageRunner:
         set_rng_state(ckpt["rng"])
 
     # ---- validation --------------------------------------------------------------------------------
+    def _val_pieces(self) -> list[tuple[int, int, float, dict[str, torch.Tensor]]]:
+        """(batch number, piece, weight, tensors) of the validation micro-batches this process computes: every
+        fixed validation batch is cut into the same pieces as a training batch and shared out the same way."""
+        out = []
+        for i, ids in enumerate(self.batches.val_indices(self.cfg.val_batches)):
+            for m in self.mine:
+                lo, hi = split_batch(len(ids), self.pieces)[m]
+                if hi > lo:
+                    out.append((i, m, (hi - lo) / len(ids), self.batches.load(ids[lo:hi])))
+        return out
+
     @torch.no_grad()
-    def validate(self, batches: list[dict[str, torch.Tensor]]) -> float:
-        """Mean loss of the fixed validation batches with EMA weights (what the saved model will carry)."""
+    def validate(self, pieces: list[tuple[int, int, float, dict[str, torch.Tensor]]]) -> float:
+        """Mean loss of the fixed validation batches with EMA weights (what the saved model will carry). Every
+        process computes its pieces; the per-batch losses are summed over the processes, so all get the value
+        one process computing every piece would get."""
         self.module.eval()
+        per_batch = [0.0] * self.cfg.val_batches
         try:
             with self.ema.swapped_in():
-                losses = []
-                for i, batch in enumerate(batches):
-                    torch.manual_seed(step_seed(self.seed, self.stage, i, salt=13))
+                for i, m, weight, batch in pieces:
+                    torch.manual_seed(val_piece_seed(self.seed, self.stage, i, m, self.pieces))
                     with self._autocast():
-                        losses.append(float(self.policy.compute_loss(batch, self.stage)["loss"]))
+                        loss = float(self.policy.compute_loss(batch, self.stage)["loss"])
+                    per_batch[i] = loss if self.pieces == 1 else per_batch[i] + weight * loss
         finally:
             self.module.train()
-        return sum(losses) / len(losses)
+        per_batch = sum_floats(per_batch)
+        return sum(per_batch) / len(per_batch)
 
     def _autocast(self):
         if self.cfg.amp and self.device.type == "cuda":
@@ -180,6 +248,44 @@ class StageRunner:
             f"the last good checkpoint is {where}. Lower the learning rate or check the data, then "
             f"resume with --resume.")
 
+    def _step(self) -> tuple[float, dict[str, float], float]:
+        """Forward and backward passes of this process's micro-batches of the current step, then the gradient
+        sum over the processes; returns (global-batch loss, this process's weighted scalars, gradient norm)."""
+        stage, single = self.stage, self.pieces == 1
+        self.optimizer.zero_grad(set_to_none=True)
+        ids = self.batches.train_indices(self.step)
+        loss_sum, scalars = 0.0, {}
+        for m in self.mine:
+            lo, hi = self.bounds[m]
+            if hi == lo:  # a batch smaller than the micro-batch count
+                continue
+            batch = self.batches.load(ids[lo:hi])
+            torch.manual_seed(piece_seed(self.seed, stage, self.step, m, self.pieces))
+            with self._autocast():
+                out = self.loss_fn(batch, stage)
+            loss = out["loss"]
+            value = float(loss.detach())
+            if not self.env.enabled and not math.isfinite(value):
+                raise self._diverged("loss", value)
+            weight = (hi - lo) / self.batch_size
+            if single:
+                loss.backward()
+                loss_sum, scalars = value, _scalars(out)
+            else:
+                (loss * weight).backward()  # the weighted pieces add up to the global-batch mean
+                loss_sum += weight * value
+                for k, v in _scalars(out).items():
+                    scalars[k] = scalars.get(k, 0.0) + weight * v
+        if self.env.enabled:
+            loss_sum = all_reduce_gradients(self.params, [loss_sum])[0]
+            if not math.isfinite(loss_sum):  # every process sees the same sum: all stop together
+                raise self._diverged("loss", loss_sum)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(grad_norm):
+            raise self._diverged("gradient norm", grad_norm)
+        return loss_sum, scalars, grad_norm
+
     def train(self, budget: StepBudget) -> StageResult:
         from tqdm.auto import tqdm
 
@@ -187,10 +293,10 @@ class StageRunner:
         self.policy.eval()  # frozen parts (e.g. the VAE, the dynamics model) stay in eval mode
         self.module.train()
         use_val = len(self.batches.val_ids) > 0
-        val_batches = self.batches.val(cfg.val_batches) if use_val else []
+        val_pieces = self._val_pieces() if use_val else []
         window = _Window()
-        bar = tqdm(total=self.total, initial=self.step, desc=f"train {stage}", disable=not cfg.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.total, initial=self.step, desc=f"train {stage}",
+                   disable=not (cfg.progress and self.env.is_main), dynamic_ncols=True)
         in_update = False
         try:
             while self.step < self.total:
@@ -200,20 +306,7 @@ class StageRunner:
                 t0 = time.perf_counter()
                 lr = warmup_cosine(self.step, self.total, self.peak_lr, cfg.warmup_steps, cfg.min_lr_ratio)
                 set_lr(self.optimizer, lr)
-                batch = self.batches.train(self.step)
-                torch.manual_seed(step_seed(self.seed, stage, self.step))
-                with self._autocast():
-                    out = self.policy.compute_loss(batch, stage)
-                loss = out["loss"]
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise self._diverged("loss", loss_value)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-                if not math.isfinite(grad_norm):
-                    raise self._diverged("gradient norm", grad_norm)
+                loss_value, scalars, grad_norm = self._step()
                 in_update = True
                 self.optimizer.step()
                 self.ema.update()
@@ -224,9 +317,10 @@ class StageRunner:
                 self.samples += self.batch_size
                 self.seconds += dt
                 self.last_loss = loss_value
-                window.add({**_scalars(out), "grad_norm": grad_norm}, self.batch_size, dt)
+                window.add({**scalars, "grad_norm": grad_norm}, self.batch_size, dt)
                 bar.update(1)
                 if self.step % cfg.log_interval == 0 or self.step == self.total:
+                    window = window.merged()
                     rate = window.samples / max(window.seconds, 1e-9)
                     self.log.write({"kind": "train", "stage": stage, "step": self.step, "lr": lr,
                                     "samples_per_s": rate, "time": time.time(), **window.means()})
@@ -235,11 +329,11 @@ class StageRunner:
                     window = _Window()
                 val_due = (cfg.val_interval > 0 and self.step % cfg.val_interval == 0) or self.step == self.total
                 if use_val and val_due:
-                    val = self.validate(val_batches)
+                    val = self.validate(val_pieces)
                     self.log.write({"kind": "val", "stage": stage, "step": self.step, "val_loss": val})
                     if math.isfinite(val) and val < self.best_val:
                         self.best_val, self.best_step = val, self.step
-                        save_checkpoint(self.run.best, self._state())
+                        self._save_best()
                 if self.step % cfg.ckpt_interval == 0 or self.step == self.total:
                     self.save_last()
         except KeyboardInterrupt:
@@ -257,6 +351,7 @@ class StageRunner:
 
     def finalize_weights(self) -> None:
         """Load the weights the saved model carries: the last EMA, or the best-validation EMA (`use_best`)."""
+        barrier()  # rank 0 may still be writing checkpoints/best.pt
         if self.cfg.use_best and self.run.best.exists():
             from dapolicy.training.checkpoint import load_checkpoint
 

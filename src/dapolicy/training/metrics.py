@@ -55,6 +55,19 @@ class MetricsLog:
         tmp.replace(self.path)
 
 
+class NullLog:
+    """The metrics log of a process other than rank 0 of a data-parallel job: rank 0 alone writes records."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def records(self) -> list[dict[str, Any]]:
+        return []
+
+    def truncate_after(self, stage_order: tuple[str, ...], stage: str, step: int) -> None:
+        pass
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl; a torn last line (killed mid-write) is skipped."""
     out = []

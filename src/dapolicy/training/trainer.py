@@ -9,6 +9,10 @@ stages saved in RUN/model. A stage started from scratch always begins from the s
 `--stage vae`, then `--stage dynamics`, then `--stage policy` ends where one `--stage all` run ends. A run
 may also start from another run's finished stages (`init_from`): their weights and normalisers are copied
 and only the later stages train, which is how an ablation of the policy stage costs one stage, not three.
+
+In a data-parallel job (`training/distributed.py`) every process runs the same trainer on the same data;
+rank 0 alone logs and writes the run folder (config, metrics, plots, checkpoints, model, latent cache) while
+the others wait for it where they need what it wrote, and every process computes its share of each step.
 """
 
 from __future__ import annotations
@@ -27,20 +31,23 @@ import numpy as np
 import torch
 
 from dapolicy.training.batches import StageBatches, frames_of, split_episodes
-from dapolicy.training.checkpoint import atomic_write_json, load_checkpoint, seed_everything, step_seed
+from dapolicy.training.checkpoint import atomic_write_json, load_checkpoint, step_seed
 from dapolicy.training.config import TrainConfig
+from dapolicy.training.distributed import DistEnv, broadcast_state, gather_objects, is_main, on_main
 from dapolicy.training.latents import cached_latents
 from dapolicy.training.loop import StageResult, StageRunner, StepBudget
-from dapolicy.training.metrics import MetricsLog, plot_losses, read_metrics
+from dapolicy.training.metrics import MetricsLog, NullLog, plot_losses, read_metrics
 from dapolicy.training.rundir import RunDir, RunFolderError
 
 CALIBRATION_FRAMES = 1024
 
 
 def _say(message: str) -> None:
+    """One line of progress (rank 0 only in a data-parallel job)."""
     from tqdm.auto import tqdm
 
-    tqdm.write(f"[dap train] {message}")
+    if is_main():
+        tqdm.write(f"[dap train] {message}")
 
 
 @dataclass
@@ -63,10 +70,11 @@ class Trainer:
     """Trains the stages of `init` (a freshly, seeded-initialised policy) on the episodes of `store`."""
 
     def __init__(self, request: TrainRequest, cfg: TrainConfig, init: Any, run_config: dict[str, Any],
-                 store: Any) -> None:
+                 store: Any, env: DistEnv | None = None) -> None:
         self.req, self.cfg, self.init, self.store = request, cfg, init, store
         self.run_config = run_config  # written to RUN/config.json
         self.run = request.run
+        self.env = env or DistEnv()
         self._latents: np.ndarray | None = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -74,7 +82,8 @@ class Trainer:
         store = self.store
         if len(store) == 0:
             raise ValueError(f"the episode store at {store.path} is empty: run `dap collect` first")
-        data = store.load()  # every episode, in store order: episode i of `data` is store episode i
+        # every episode, in store order: episode i of `data` is store episode i (lazy: images memory-mapped)
+        data = store.load(lazy=self.cfg.lean_data)
         return store, data
 
     def _build_policy(self, state: dict[str, Any], data: Any, store: Any) -> tuple[Any, Any]:
@@ -83,9 +92,7 @@ class Trainer:
 
         init = self.init
         if state["stages_done"]:
-            self.run.recover_model()
-            if not self.run.has_model():
-                raise RunFolderError(f"{self.run.state_file} lists finished stages but {self.run.model} is missing")
+            on_main(self._check_model)  # rank 0 may have to undo a half-done model swap first
             policy = load_pretrained(self.run.model)
         else:
             policy = copy.deepcopy(init)
@@ -93,6 +100,11 @@ class Trainer:
             frames = frames_of(data.episode_ends, ids)
             policy.fit_normalizer(SimpleNamespace(action=data.action[frames], proprio=data.proprio[frames]))
         return policy.to(self.req.device), init
+
+    def _check_model(self) -> None:
+        self.run.recover_model()
+        if not self.run.has_model():
+            raise RunFolderError(f"{self.run.state_file} lists finished stages but {self.run.model} is missing")
 
     def _episodes(self, policy: Any, stage: str, store: Any) -> np.ndarray:
         spec = policy.stage_spec(stage)
@@ -125,10 +137,14 @@ class Trainer:
             policy.stage_module(stage).load_state_dict(theirs)
         for name in ("action_normalizer", "proprio_normalizer"):
             getattr(policy, name).load_state_dict(getattr(source, name).state_dict())
-        _save_model(policy, self.run.model)
         state["stages_done"] = list(stages)
         state["init_from"] = str(source_dir)
-        self.run.write_state(state)
+
+        def write() -> None:
+            _save_model(policy, self.run.model)
+            self.run.write_state(state)
+
+        on_main(write)
         log.write({"kind": "init_from", "stage": stages[-1], "step": 0, "source": str(source_dir),
                    "stages": list(stages)})
         _say(f"copied stage(s) {', '.join(stages)} and the normalisers from {source_dir}")
@@ -161,10 +177,18 @@ class Trainer:
                             batch_size=batch_size, seed=self.req.seed, stage=stage, device=self.req.device)
 
     def _get_latents(self, policy: Any, data: Any) -> np.ndarray:
+        """The latent cache: rank 0 loads or builds it, then the other processes load what it wrote."""
         if self._latents is None:
             t0 = time.perf_counter()
-            self._latents = cached_latents(policy, data.images, data.episode_ends, self.run.cache,
-                                           batch=self.cfg.latent_batch, progress=self.cfg.progress)
+
+            def build(write: bool) -> np.ndarray:
+                return cached_latents(policy, data.images, data.episode_ends, self.run.cache,
+                                      batch=self.cfg.latent_batch, progress=self.cfg.progress and write,
+                                      write=write)
+
+            kept: list[np.ndarray] = []
+            on_main(lambda: kept.append(build(True)))  # nothing large travels: the others read the file
+            self._latents = kept[0] if kept else build(False)
             _say(f"latents of {len(self._latents)} frames ready ({time.perf_counter() - t0:.1f}s), "
                  f"shape {tuple(self._latents.shape[1:])}, cached in {self.run.cache}")
         return self._latents
@@ -174,18 +198,23 @@ class Trainer:
         from dapolicy.configuration import to_dict
 
         store, data = self._load_data()
-        state = self.run.read_state()
+        state = on_main(self.run.read_state)
         policy, init = self._build_policy(state, data, store)
         selected = self._selected_stages(policy, state)
-        self.run.root.mkdir(parents=True, exist_ok=True)
         policy_cfg = getattr(policy, "config", None)
         budgets = {s: dict(zip(("steps", "lr", "batch_size"), self.cfg.budget(s, policy.stage_preset(s))))
                    for s in policy.stage_names}
-        atomic_write_json(self.run.config, {**self.run_config, "stages": list(policy.stage_names), "budgets": budgets,
-                                            "policy": to_dict(policy_cfg) if policy_cfg is not None else None,
-                                            "spec": store.spec.to_dict(), "num_episodes": len(store),
-                                            "num_frames": int(store.num_frames)})
-        log = MetricsLog(self.run.metrics, logger=self.cfg.logger, run_dir=self.run.root, run_config=self.run_config)
+
+        def write_config() -> None:
+            self.run.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run.config, {**self.run_config, "stages": list(policy.stage_names),
+                                                "budgets": budgets, "spec": store.spec.to_dict(),
+                                                "policy": to_dict(policy_cfg) if policy_cfg is not None else None,
+                                                "num_episodes": len(store), "num_frames": int(store.num_frames)})
+
+        on_main(write_config)
+        log = (MetricsLog(self.run.metrics, logger=self.cfg.logger, run_dir=self.run.root,
+                          run_config=self.run_config) if self.env.is_main else NullLog())
         if self.req.init_from is not None and not state["stages_done"]:
             order = tuple(policy.stage_names)
             first = min(order.index(s) for s in selected)
@@ -241,25 +270,39 @@ class Trainer:
             candidate = load_checkpoint(self.run.last, map_location=self.req.device)
             if candidate.get("stage") == stage:
                 ckpt = candidate
+        starts = gather_objects(None if ckpt is None else int(ckpt["step"]))
+        if len(set(starts)) > 1:  # each process read RUN/checkpoints/last.pt itself: it must be one file
+            raise RunFolderError(f"the processes found different checkpoints in {self.run.last} (steps {starts}): "
+                                 f"the run folder must be on a filesystem that every node sees")
         if ckpt is None:  # from scratch: the seeded initial weights, whatever an earlier call left
             policy.stage_module(stage).load_state_dict(init.stage_module(stage).state_dict())
-            if self.run.best.exists():
+            if self.env.is_main and self.run.best.exists():
                 self.run.best.unlink()
         batches = self._stage_batches(policy, stage, data, store)
         runner = StageRunner(policy, stage, batches, self.cfg, self.run, log, self.req.seed, self.req.device,
-                             extra_state={"method": self.req.method, "config": self.req.config})
+                             extra_state={"method": self.req.method, "config": self.req.config}, env=self.env)
         if ckpt is not None:
             if int(ckpt["total_steps"]) != runner.total:
                 _say(f"warning: stage {stage!r} checkpoint was made for {ckpt['total_steps']} steps, now "
                      f"{runner.total}: the learning-rate schedule changes, the result will differ from an "
                      f"uninterrupted run")
+            if int(ckpt.get("micro_batches", 1)) != runner.pieces:
+                _say(f"warning: stage {stage!r} checkpoint was made with {ckpt.get('micro_batches', 1)} "
+                     f"micro-batch(es) per step, now {runner.pieces}: the noise of each step changes, the result "
+                     f"will differ from an uninterrupted run")
             runner.load(ckpt)
             log.truncate_after(tuple(policy.stage_names), stage, runner.step)
             _say(f"resuming stage {stage!r} at step {runner.step}/{runner.total}")
         else:
             log.truncate_after(tuple(policy.stage_names), stage, 0)
+        broadcast_state(policy)  # every replica starts the stage from rank 0's weights and buffers
         n_train, n_val = len(batches.train_ids), len(batches.val_ids)
-        _say(f"stage {stage!r}: {runner.total} steps, batch {runner.batch_size}, {n_train} train / {n_val} "
+        split = ""
+        if runner.pieces > 1:
+            mine, sizes = len(runner.mine), sorted({hi - lo for lo, hi in runner.bounds})
+            split = (f" = {runner.pieces} micro-batches of {'/'.join(map(str, sizes))} ({self.env.world_size} "
+                     f"process(es), {mine} micro-batch(es) each on rank 0)")
+        _say(f"stage {stage!r}: {runner.total} steps, batch {runner.batch_size}{split}, {n_train} train / {n_val} "
              f"validation frames, {sum(p.numel() for p in runner.params):,} parameters, device "
              f"{self.req.device}")
         result = runner.train(budget)
@@ -276,10 +319,7 @@ class Trainer:
             _say(f"after stage {stage!r}: {key} = {value:.4g} (from {len(pick)} frames)")
         if policy.stage_spec(stage).changes_latents:
             self._latents = None
-        _save_model(policy, self.run.model)
         summary = result.summary()
-        log.write({"kind": "stage_end", "stage": stage, "step": result.step, **summary})
-        plot_losses(read_metrics(self.run.metrics), stage, self.run.plots / f"loss_{stage}.png")
         order = tuple(policy.stage_names)
         later = [s for s in state["stages_done"] if order.index(s) > order.index(stage)]
         if later:  # they were trained against the old version of this stage
@@ -287,7 +327,14 @@ class Trainer:
                  f"unfinished; retrain them (e.g. --resume)")
         state["stages_done"] = [s for s in state["stages_done"] if order.index(s) < order.index(stage)] + [stage]
         state.setdefault("summaries", {})[stage] = summary
-        self.run.write_state(state)
+
+        def write() -> None:
+            _save_model(policy, self.run.model)
+            log.write({"kind": "stage_end", "stage": stage, "step": result.step, **summary})
+            plot_losses(read_metrics(self.run.metrics), stage, self.run.plots / f"loss_{stage}.png")
+            self.run.write_state(state)
+
+        on_main(write)  # the other processes wait here, so a later stage or call finds the model written
         best = (f", best val {result.best_val:.4g} @ {result.best_step}" if summary["best_val"] is not None else "")
         _say(f"stage {stage!r} done: {result.step} steps in {result.seconds:.1f}s, "
              f"{result.samples_per_s:.1f} samples/s, last loss {result.last_loss:.4g}{best}; "
@@ -310,6 +357,10 @@ def _save_model(policy: Any, directory: Path) -> None:
         shutil.rmtree(old)
 
 
-def environment_info(device: torch.device) -> dict[str, Any]:
+def environment_info(device: torch.device, env: DistEnv | None = None) -> dict[str, Any]:
+    """What the run trained on (rank 0's view; `world_size` processes, each on its own device of this kind)."""
+    env = env or DistEnv()
     return {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "world_size": env.world_size,
+            "backend": ("nccl" if device.type == "cuda" else "gloo") if env.enabled else None}
