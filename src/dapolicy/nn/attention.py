@@ -88,8 +88,35 @@ class CrossAttention(nn.Module):
             groups.append(self.kv(context))
         if not groups:
             raise ValueError("CrossAttention needs context tokens or projected key/value groups")
-        k = torch.cat([g[0] for g in groups], dim=2)
-        v = torch.cat([g[1] for g in groups], dim=2)
+        if len(groups) == 1:  # a pre-merged group (fast sampler): no copy
+            k, v = groups[0]
+        else:
+            k = torch.cat([g[0] for g in groups], dim=2)
+            v = torch.cat([g[1] for g in groups], dim=2)
         q = _split_heads(self.q(x), self.heads)
         o = F.scaled_dot_product_attention(q, k, v)
         return self.out(o.transpose(1, 2).reshape(x.shape))
+
+
+def fused_kv_weights(layers: list[CrossAttention]) -> tuple[Tensor, Tensor]:
+    """(weight, bias) projecting context tokens to the keys and values of all `layers` in one GEMM.
+
+    Inference only (a copy of the weights, rebuilt by the caller when they change): one [M, sum 2D] matmul
+    replaces 2 * len(layers) small ones, which at batch 1 are mostly dispatch overhead.
+    """
+    weight = torch.cat([w for layer in layers for w in (layer.k.weight, layer.v.weight)])
+    bias = torch.cat([b for layer in layers for b in (layer.k.bias, layer.v.bias)])
+    return weight, bias
+
+
+def split_fused_kv(projected: Tensor, layers: list[CrossAttention]) -> list[KV]:
+    """Per layer (k, v) [B, heads, M, d] from the output of a `fused_kv_weights` projection [B, M, sum 2D]."""
+    out: list[KV] = []
+    start = 0
+    for layer in layers:
+        d = layer.q.out_features
+        k = projected[..., start:start + d]
+        v = projected[..., start + d:start + 2 * d]
+        out.append((_split_heads(k, layer.heads), _split_heads(v, layer.heads)))
+        start += 2 * d
+    return out

@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dapolicy.nn.attention import CrossAttention, SelfAttention, TimestepEmbedding
+from dapolicy.nn.attention import KV, CrossAttention, SelfAttention, TimestepEmbedding, fused_kv_weights, split_fused_kv
 
 
 @dataclass
@@ -108,6 +109,19 @@ class DiTBlock(nn.Module):
         x = x + self.drop(self.cross(self.norm_cross(x), context=context))
         x = x + gate2[:, None] * self.drop(self.mlp(_modulate(self.norm2(x), shift2, scale2)))
         return x
+
+    def ada_params(self, cond: Tensor) -> tuple[Tensor, ...]:
+        """(shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2), each [N, 1, D]: the block's whole dependence
+        on tau, precomputable for every flow time of a sampling call."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (t[:, None] for t in self.ada(cond).chunk(6, dim=-1))
+        return shift1, 1.0 + scale1, gate1, shift2, 1.0 + scale2, gate2
+
+    def forward_prepared(self, x: Tensor, ada: tuple[Tensor, ...], kv: KV) -> Tensor:
+        """Inference `forward` (eval mode, no dropout) with precomputed `ada_params` and cross-attention kv."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = ada
+        x = torch.addcmul(x, gate1, self.attn(torch.addcmul(shift1, self.norm1(x), scale1)))
+        x = x + self.cross(self.norm_cross(x), kv=[kv])
+        return torch.addcmul(x, gate2, self.mlp(torch.addcmul(shift2, self.norm2(x), scale2)))
 
 
 class FinalLayer(nn.Module):
@@ -291,5 +305,106 @@ class LatentDynamicsDiT(nn.Module):
                 x = block(x, cond, ctx)
         return self.unpatchify(self.final(x, cond))
 
+    # ---------------------------------------------------------------- fast inference
+    def _patches(self, latents: Tensor) -> Tensor:
+        """[B, C, c, h, w] -> [B, C * N, c * p * p], the per-input half of `patchify`'s feature layout."""
+        b, cams, ch, h, w = latents.shape
+        p = self.cfg.patch_size
+        x = latents.reshape(b, cams, ch, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(b, cams * (h // p) * (w // p), ch * p * p)
 
-__all__ = ["DiTConfig", "DiTBlock", "LatentDynamicsDiT", "sincos_2d_embedding"]
+    def inference_constants(self, taus: Tensor) -> "DiTConstants":
+        """What `prepare_inference` needs that depends on the weights and the K flow times `taus` alone.
+
+        adaLN depends only on tau, so the tau embedding and every block's adaLN projection are tabulated for
+        the K known flow times; the null-action tokens' keys/values are constant. Cacheable while the weights
+        do not change (the fast sampler keys its cache on them).
+        """
+        noisy_dim = self.latent_channels * self.cfg.patch_size ** 2
+        cond = self.tau_embed(taus.to(self.patch_embed.weight.dtype))  # [K, D]
+        blocks = [[t.unbind(0) for t in blk.ada_params(cond)] for blk in self.blocks]  # per flow time [1, D]
+        f_shift, f_scale = (t[:, None] for t in self.final.ada(cond).chunk(2, dim=-1))
+        final = (f_shift.unbind(0), (1.0 + f_scale).unbind(0))
+        steps = [(tuple(tuple(t[k] for t in ada) for ada in blocks), (final[0][k], final[1][k]))
+                 for k in range(taus.shape[0])]
+        kv_weight, kv_bias = fused_kv_weights([blk.cross for blk in self.blocks])
+        null_action_kv = F.linear(self.context_norm(self.null_action[None]), kv_weight, kv_bias)  # [1, H, *]
+        return DiTConstants(self.patch_embed.weight[:, :noisy_dim], steps, kv_weight, kv_bias, null_action_kv)
+
+    def prepare_inference(self, current: Tensor, proprio: Tensor | None, taus: Tensor,
+                          constants: "DiTConstants | None" = None) -> "DiTPrepared":
+        """Everything of a sampling call that does not depend on the flow state, computed once.
+
+        Besides `inference_constants` (pass them to reuse them): the patch embedding is linear, so the clean
+        current latents' half of it (plus the camera and position embeddings) is a per-call constant, and so
+        are the proprio token's keys/values and with them the whole null-action context's.
+        Inference only (eval mode); results equal `forward` up to float rounding.
+        """
+        c = constants if constants is not None else self.inference_constants(taus)
+        noisy_dim = c.noisy_weight.shape[1]
+        b = current.shape[0]
+        x_current = F.linear(self._patches(current), self.patch_embed.weight[:, noisy_dim:], self.patch_embed.bias)
+        x_current = x_current + (self.camera_embed + self.pos_embed).reshape(-1, x_current.shape[-1])
+        null = c.null_action_kv.expand(b, -1, -1)
+        proprio_kv = None
+        if self.proprio_mlp is not None:
+            proprio_kv = F.linear(self.context_norm(self.proprio_mlp(proprio).unsqueeze(1)), c.kv_weight, c.kv_bias)
+            null = torch.cat([null, proprio_kv], dim=1)
+        layers = [blk.cross for blk in self.blocks]
+        null_kv = [(k.contiguous(), v.contiguous()) for k, v in split_fused_kv(null, layers)]
+        return DiTPrepared(c.noisy_weight, x_current, c.steps, c.kv_weight, c.kv_bias, proprio_kv, null_kv)
+
+    def forward_prepared(self, noisy_next: Tensor, prep: "DiTPrepared", step: int, action: Tensor | None) -> Tensor:
+        """Velocity of the next latents at flow step `step` of a prepared call; action None = action-agnostic.
+
+        Same result as `forward(noisy_next, taus[step], current, action, proprio)` up to float rounding.
+        """
+        x = torch.addmm(prep.x_current.flatten(0, 1), self._patches(noisy_next).flatten(0, 1),
+                        prep.noisy_weight.t()).view(prep.x_current.shape)
+        layers = [blk.cross for blk in self.blocks]
+        if action is None:
+            kvs = prep.null_kv
+        else:
+            tokens = self.context_norm(self.action_mlp(action) + self.action_time_embed)
+            projected = F.linear(tokens, prep.kv_weight, prep.kv_bias)
+            if prep.proprio_kv is not None:
+                projected = torch.cat([projected, prep.proprio_kv], dim=1)
+            kvs = split_fused_kv(projected, layers)
+        ada, (shift, scale) = prep.steps[step]
+        for block, block_ada, kv in zip(self.blocks, ada, kvs):
+            x = block.forward_prepared(x, block_ada, kv)
+        return self.unpatchify(self.final.linear(torch.addcmul(shift, self.final.norm(x), scale)))
+
+
+@dataclass
+class DiTConstants:
+    """Weight-only inference tables (see `LatentDynamicsDiT.inference_constants`); fields as in `DiTPrepared`,
+    plus null_action_kv: the normalised null-action tokens projected for every block [1, H, depth * 2D]."""
+
+    noisy_weight: Tensor
+    steps: list[tuple[tuple[tuple[Tensor, ...], ...], tuple[Tensor, Tensor]]]
+    kv_weight: Tensor
+    kv_bias: Tensor
+    null_action_kv: Tensor
+
+
+@dataclass
+class DiTPrepared:
+    """Per-call constants of `LatentDynamicsDiT.forward_prepared` (see `prepare_inference`).
+
+    noisy_weight: the noisy-latent columns of the patch embedding. x_current: [B, C * N, D] the rest of the
+    token embedding. steps[k]: (per-block `ada_params`, final (shift, 1 + scale)) at flow time k.
+    kv_weight/kv_bias: all blocks' cross-attention key/value projections fused. proprio_kv: the projected
+    proprio token [B, 1, depth * 2D] or None. null_kv: per block (k, v) of the null-action context.
+    """
+
+    noisy_weight: Tensor
+    x_current: Tensor
+    steps: list[tuple[tuple[tuple[Tensor, ...], ...], tuple[Tensor, Tensor]]]
+    kv_weight: Tensor
+    kv_bias: Tensor
+    proprio_kv: Tensor | None
+    null_kv: list[KV]
+
+
+__all__ = ["DiTConfig", "DiTBlock", "DiTConstants", "DiTPrepared", "LatentDynamicsDiT", "sincos_2d_embedding"]

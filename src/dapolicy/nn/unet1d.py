@@ -28,7 +28,9 @@ from torch import Tensor, nn
 
 from dapolicy.nn.attention import KV, CrossAttention, TimestepEmbedding
 
-__all__ = ["UNet1DConfig", "ContextCache", "CrossAttnUNet1D", "TracedInference"]
+__all__ = ["UNet1DConfig", "ContextCache", "CrossAttnUNet1D", "TracedInference", "FiLM"]
+
+FiLM = tuple[Tensor, Tensor]  # (1 + scale, bias) of one residual block, each [N, C, 1]
 
 
 @dataclass
@@ -183,9 +185,18 @@ class FiLMResBlock1D(nn.Module):
         self.film = nn.Linear(cond_dim, 2 * out_ch)
         self.skip = Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+    def film_params(self, cond: Tensor) -> FiLM:
+        """(1 + scale, bias), each [N, C, 1]: the block's whole dependence on the conditioning vector, so a
+        sampler can compute it once for every flow time of a call (see `CrossAttnUNet1D.prepare_films`)."""
         scale, bias = self.film(cond).unsqueeze(-1).chunk(2, dim=1)
-        h = self.conv1(x) * (1.0 + scale) + bias
+        return 1.0 + scale, bias
+
+    def forward(self, x: Tensor, cond: Tensor | None = None, film: FiLM | None = None) -> Tensor:
+        if film is None:
+            scale, bias = self.film(cond).unsqueeze(-1).chunk(2, dim=1)
+            h = self.conv1(x) * (1.0 + scale) + bias
+        else:  # precomputed (1 + scale, bias): one fused multiply-add
+            h = torch.addcmul(film[1], self.conv1(x), film[0])
         return self.conv2(h) + self.skip(x)
 
 
@@ -318,30 +329,74 @@ class CrossAttnUNet1D(nn.Module):
             )
         cond = self._condition(tau, b, x, global_cond)
         kvs = self._gather_context(b, static, dynamic_tokens, static_tokens)
+        return self._backbone(x, kvs, cond=cond)
+
+    def _backbone(self, x: Tensor, kvs: list[list[KV]], cond: Tensor | None = None,
+                  films: tuple[FiLM, ...] | list[FiLM] | None = None) -> Tensor:
+        """The network body, conditioned either by `cond` or by precomputed per-block `films` (same order as
+        `film_blocks`); one walk over the layers serves training and fast inference alike."""
+        film_iter = iter(films) if films is not None else None
+
+        def res(block: FiLMResBlock1D, h: Tensor) -> Tensor:
+            return block(h, cond) if film_iter is None else block(h, film=next(film_iter))
 
         h = x.transpose(1, 2)  # [B, A, H]
         skips: list[Tensor] = []
         layer = 0
         for lvl in self.downs:
-            h = lvl.res2(lvl.res1(h, cond), cond)
+            h = res(lvl.res2, res(lvl.res1, h))
             if lvl.attn is not None:
                 h = lvl.attn(h, kvs[layer])
                 layer += 1
             skips.append(h)
             h = lvl.down(h)
         skips.pop()  # the deepest level's output is the mid's input; no skip needed there
-        h = self.mid1(h, cond)
+        h = res(self.mid1, h)
         if self.mid_attn is not None:
             h = self.mid_attn(h, kvs[layer])
             layer += 1
-        h = self.mid2(h, cond)
+        h = res(self.mid2, h)
         for lvl in reversed(self.ups):
             h = torch.cat([lvl.up(h), skips.pop()], dim=1)
-            h = lvl.res2(lvl.res1(h, cond), cond)
+            h = res(lvl.res2, res(lvl.res1, h))
             if lvl.attn is not None:
                 h = lvl.attn(h, kvs[layer])
                 layer += 1
         return self.final(h).transpose(1, 2)
+
+    # ----------------------------------------------------------------------------------- fast inference
+    def film_blocks(self) -> list[FiLMResBlock1D]:
+        """The residual blocks in execution order (the order of `prepare_films` entries)."""
+        blocks: list[FiLMResBlock1D] = []
+        for lvl in self.downs:
+            blocks += [lvl.res1, lvl.res2]
+        blocks += [self.mid1, self.mid2]
+        for lvl in reversed(self.ups):
+            blocks += [lvl.res1, lvl.res2]
+        return blocks
+
+    def prepare_films(self, taus: Tensor, global_cond: Tensor | None = None) -> list[tuple[FiLM, ...]]:
+        """Per flow time taus[k], every block's FiLM (1 + scale, bias) ([C, 1], or [B, C, 1] with global_cond).
+
+        tau is the same for every sample of a sampling call, so the tau embedding and all FiLM projections
+        of the K steps are computed here in one batched call per block instead of at every step.
+        """
+        k = taus.shape[0]
+        if global_cond is None:
+            cond = self._condition(taus, k, taus[:, None], None)  # [K, cond_dim]
+            per_block = [[t.unbind(0) for t in blk.film_params(cond)] for blk in self.film_blocks()]  # [C, 1]
+            return [tuple((s[i], b[i]) for s, b in per_block) for i in range(k)]
+        b = global_cond.shape[0]
+        return [tuple(blk.film_params(self._condition(tau, b, global_cond, global_cond)) for blk in self.film_blocks())
+                for tau in taus]
+
+    def forward_prepared(self, x: Tensor, films: tuple[FiLM, ...], kvs: list[list[KV]]) -> Tensor:
+        """Velocity [B, H, A] from precomputed FiLMs (`prepare_films`) and per-layer key/value groups.
+
+        No input checks: the fast sampler validates shapes once per call. kvs[i] is the list of (k, v) groups
+        of `context_layers()[i]`, each [B or 1, heads, M, d].
+        """
+        return self._backbone(x, kvs, films=films)
 
     def _condition(self, tau: Tensor | float, b: int, x: Tensor, global_cond: Tensor | None) -> Tensor:
         tau = torch.as_tensor(tau, dtype=x.dtype, device=x.device)

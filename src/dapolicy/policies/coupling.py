@@ -3,6 +3,10 @@
 The two models are passed in as velocity functions, so this module holds only the algorithm:
     dynamics_velocity(Z, tau, A_hat | None) -> v_Z     (None = the action-agnostic / null condition)
     policy_velocity(A, tau, Z_hat | None)   -> v_A     (None = the null next-observation tokens)
+
+This is the readable reference. `predict_chunk` samples with `policies/fast_sampler.py`, which computes the
+same numbers with the per-call constants hoisted, the unused last dynamics call skipped and the two calls of a
+Jacobi step run concurrently; tests/policies/test_fast_sampler.py holds the two to the same results.
 """
 
 from __future__ import annotations

@@ -197,31 +197,16 @@ class DAPPolicy(FMPolicy):
     # ------------------------------------------------------------------ inference
     def _predict(self, batch: dict[str, Tensor], return_next: bool, mode: str | None, steps: int | None,
                  return_trace: bool, generator: torch.Generator | None) -> ChunkPrediction:
+        # Algorithm 1 (reference: coupling.coupled_generation) on the fast sampler, which computes the same
+        # numbers with every per-call constant hoisted, the unused last dynamics call skipped and, for
+        # Jacobi, both models of a step run concurrently.
+        from dapolicy.policies import fast_sampler
+
         mode = mode or self.config.coupling
-        steps = steps or self.config.flow.steps
-        batch = self._encode_observation(batch, need_latents=mode != "off")
-        b = batch["proprio"].shape[0]
-        context = self.policy_net.unet.prepare_context(self.observation_tokens(batch, augment=False))
-
-        def policy_velocity(a: Tensor, tau: float, z_hat: Tensor | None) -> Tensor:
-            t = torch.full((b,), tau, device=a.device)
-            return self.policy_net.unet(a, t, static=context, dynamic_tokens=self.policy_net.next_tokens(z_hat, b))
-
-        current = batch["latents"][:, -1] if mode != "off" else None
-        proprio = self.proprio_normalizer.normalize(batch["proprio"]).flatten(1)
-
-        def dynamics_velocity(z: Tensor, tau: float, a_hat: Tensor | None) -> Tensor:
-            return self.dynamics(z, torch.full((b,), tau, device=z.device), current, a_hat, proprio)
-
-        dev = self.device
-        z0 = torch.randn((b, len(self.spec.cameras), self.latent_channels, self.latent_size, self.latent_size),
-                         generator=generator, device=dev)
-        a0 = torch.randn((b, self.config.horizon, self.spec.action_dim), generator=generator, device=dev)
-        trace = CouplingTrace() if return_trace else None
-        a, z = coupled_generation(dynamics_velocity, policy_velocity, z0, a0, steps, mode, trace)
+        a, z, trace = fast_sampler.predict(self, batch, return_next, mode, steps or self.config.flow.steps,
+                                           return_trace, generator)
         next_frames = self.decode_latents(z).cpu().numpy() if return_next and z is not None else None
-        return ChunkPrediction(self.action_normalizer.unnormalize(a).cpu().numpy(), next_frames,
-                               trace.as_dict() if trace is not None else None)
+        return ChunkPrediction(self.action_normalizer.unnormalize(a).cpu().numpy(), next_frames, trace)
 
 
 def _method() -> "Method":

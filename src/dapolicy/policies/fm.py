@@ -21,7 +21,6 @@ from dapolicy.nn.unet1d import UNet1DConfig
 from dapolicy.nn.vae import VAE, VAEConfig
 from dapolicy.policies.base import (Capabilities, ChunkPrediction, Policy, StagePreset, StageSpec, TrainingPresets,
                                     float_to_images, images_to_float, preset_field, require)
-from dapolicy.policies.coupling import CouplingTrace, sample_policy
 from dapolicy.policies.policy_net import PolicyNet
 from dapolicy.spec import EnvSpec
 
@@ -231,19 +230,12 @@ class FMPolicy(Policy):
 
     def _predict(self, batch: dict[str, Tensor], return_next: bool, mode: str | None, steps: int | None,
                  return_trace: bool, generator: torch.Generator | None) -> ChunkPrediction:
-        steps = steps or self.config.flow.steps
-        batch = self._encode_observation(batch, need_latents=False)
-        b = batch["proprio"].shape[0]
-        context = self.policy_net.unet.prepare_context(self.observation_tokens(batch, augment=False))
+        # Euler sampling (coupling.sample_policy) on the fast sampler: per-call constants computed once.
+        from dapolicy.policies import fast_sampler
 
-        def policy_velocity(a: Tensor, tau: float, _next: Tensor | None) -> Tensor:
-            return self.policy_net.unet(a, torch.full((b,), tau, device=a.device), static=context)
-
-        a0 = torch.randn((b, self.config.horizon, self.spec.action_dim), generator=generator, device=self.device)
-        trace = CouplingTrace() if return_trace else None
-        a = sample_policy(policy_velocity, a0, steps, None, trace)
-        return ChunkPrediction(self.action_normalizer.unnormalize(a).cpu().numpy(),
-                               trace=trace.as_dict() if trace is not None else None)
+        a, _, trace = fast_sampler.predict(self, batch, False, "off", steps or self.config.flow.steps, return_trace,
+                                           generator)
+        return ChunkPrediction(self.action_normalizer.unnormalize(a).cpu().numpy(), trace=trace)
 
 
 def _method() -> "Method":

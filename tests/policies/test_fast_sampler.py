@@ -1,0 +1,207 @@
+"""The fast sampler computes what the reference Algorithm 1 (`coupling.coupled_generation`) computes.
+
+The reference here is wired by hand from the models' plain `forward` calls, exactly as `_predict` did before
+the fast sampler existed; every weight is randomised, since zero-initialised output layers (adaLN-Zero) would
+hide wiring bugs. Timing is never asserted (see `dap bench latency`).
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dapolicy.policies import fast_sampler, make_config, make_policy
+from dapolicy.policies.coupling import COUPLING_MODES, CouplingTrace, coupled_generation, sample_policy
+from dapolicy.spec import EnvSpec
+
+SPEC = EnvSpec(name="test", cameras=("a", "b"), image_size=32, action_dim=3, proprio_dim=2, max_steps=10,
+               action_low=(-1, -1, -1), action_high=(1, 1, 1))
+STEPS = 4
+ATOL = 1e-5
+
+
+def _randomise(module: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _policy(method: str, **overrides):
+    torch.manual_seed(0)
+    policy = make_policy(method, SPEC, make_config(method, "tiny", overrides))
+    _randomise(policy)
+    return policy.eval()
+
+
+def _obs(b: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"images": rng.integers(0, 255, (b, 2, 2, 32, 32, 3), dtype=np.uint8),
+            "proprio": rng.normal(size=(b, 2, 2)).astype(np.float32)}
+
+
+@torch.no_grad()
+def _reference(policy, obs: dict, mode: str, seed: int, steps: int = STEPS):
+    """(actions, next latents, trace) the straightforward way: forward calls into coupled_generation."""
+    batch = policy.validate_obs(obs)
+    coupled = hasattr(policy, "dynamics")
+    if policy.config.obs_encoder == "vae" or (coupled and mode != "off"):
+        batch["latents"] = policy.encode_latents(batch["images"])
+    b = batch["proprio"].shape[0]
+    net = policy.policy_net
+    context = net.unet.prepare_context(policy.observation_tokens(batch, augment=False))
+
+    def policy_velocity(a, tau, z_hat):
+        dynamic = net.next_tokens(z_hat, b) if coupled else None
+        return net.unet(a, torch.full((b,), tau), static=context, dynamic_tokens=dynamic)
+
+    g = torch.Generator().manual_seed(seed)
+    trace = CouplingTrace()
+    if not coupled:
+        a0 = torch.randn((b, policy.config.horizon, SPEC.action_dim), generator=g)
+        return sample_policy(policy_velocity, a0, steps, None, trace), None, trace.as_dict()
+    z0 = torch.randn((b, 2, policy.latent_channels, policy.latent_size, policy.latent_size), generator=g)
+    a0 = torch.randn((b, policy.config.horizon, SPEC.action_dim), generator=g)
+    current = batch["latents"][:, -1] if mode != "off" else None
+    proprio = policy.proprio_normalizer.normalize(batch["proprio"]).flatten(1)
+
+    def dynamics_velocity(z, tau, a_hat):
+        return policy.dynamics(z, torch.full((b,), tau), current, a_hat, proprio)
+
+    a, z = coupled_generation(dynamics_velocity, policy_velocity, z0, a0, steps, mode, trace)
+    return a, z, trace.as_dict()
+
+
+def _fast(policy, obs: dict, mode: str, seed: int, return_next: bool = True, return_trace: bool = True,
+          steps: int = STEPS):
+    batch = policy.validate_obs(obs)
+    return fast_sampler.predict(policy, batch, return_next, mode, steps, return_trace,
+                                torch.Generator().manual_seed(seed))
+
+
+CASES = [("dap", mode) for mode in COUPLING_MODES] + [("fm", "off")]
+
+
+@pytest.mark.parametrize("method,mode", CASES)
+@pytest.mark.parametrize("run", ["eager", "traced_parallel"])
+def test_fast_sampler_matches_the_reference(method, mode, run):
+    policy = _policy(method)
+    setting = "off" if run == "eager" else "on"
+    fast_sampler.set_options(policy, trace=setting, parallel=setting)
+    obs = _obs(3)
+    a_ref, z_ref, trace_ref = _reference(policy, obs, mode, seed=5)
+    a, z, trace = _fast(policy, obs, mode, seed=5)
+    torch.testing.assert_close(a, a_ref, rtol=0, atol=ATOL)
+    torch.testing.assert_close(trace["a_hat"], trace_ref["a_hat"], rtol=0, atol=ATOL)
+    assert trace["tau"] == trace_ref["tau"]
+    if z_ref is None:
+        assert z is None and trace["z_hat"] is None
+    else:
+        torch.testing.assert_close(z, z_ref, rtol=0, atol=ATOL)
+        torch.testing.assert_close(trace["z_hat"], trace_ref["z_hat"], rtol=0, atol=ATOL)
+    # without frames or trace, the actions are the same (the skipped last dynamics call fed nothing else)
+    a_only, _, _ = _fast(policy, obs, mode, seed=5, return_next=False, return_trace=False)
+    torch.testing.assert_close(a_only, a_ref, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "off"])
+def test_resnet_encoder_and_batch_one(mode):
+    policy = _policy("dap", obs_encoder="resnet")
+    fast_sampler.set_options(policy, trace="off", parallel="off")
+    obs = _obs(1, seed=2)
+    a_ref, z_ref, _ = _reference(policy, obs, mode, seed=1)
+    a, z, _ = _fast(policy, obs, mode, seed=1)
+    torch.testing.assert_close(a, a_ref, rtol=0, atol=ATOL)
+    if mode == "off":
+        assert z is None
+    else:
+        torch.testing.assert_close(z, z_ref, rtol=0, atol=ATOL)
+
+
+def test_predict_chunk_uses_the_fast_sampler_with_the_global_seed():
+    """predict_chunk without a generator draws the reference's noise from the global RNG, in the same order."""
+    policy = _policy("dap")
+    obs = _obs(2)
+    for mode in COUPLING_MODES:
+        torch.manual_seed(11)
+        pred = policy.predict_chunk(obs, mode=mode, return_next=True)
+        a_ref, z_ref, _ = _reference(policy, obs, mode, seed=11)  # a generator seeded alike: the same draws
+        expected = policy.action_normalizer.unnormalize(a_ref).numpy()
+        np.testing.assert_allclose(pred.actions, expected, rtol=0, atol=1e-5)
+        if mode == "off":
+            assert pred.next_frames is None
+        else:
+            np.testing.assert_array_equal(pred.next_frames, policy.decode_latents(z_ref).numpy())
+
+
+def test_the_last_jacobi_dynamics_call_runs_only_when_its_output_is_used(monkeypatch):
+    policy = _policy("dap")
+    fast_sampler.set_options(policy, trace="off", parallel="off")
+    calls = []
+    original = policy.dynamics.forward_prepared
+    monkeypatch.setattr(policy.dynamics, "forward_prepared", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for mode in ("jacobi", "gauss_seidel"):
+        calls.clear()
+        policy.predict_chunk(_obs(1), mode=mode)  # closed loop: actions only
+        assert len(calls) == STEPS - 1
+        calls.clear()
+        policy.predict_chunk(_obs(1), mode=mode, return_next=True)
+        assert len(calls) == STEPS
+    calls.clear()
+    policy.predict_chunk(_obs(1), mode="off")
+    assert calls == []
+
+
+def test_traces_follow_weight_updates():
+    """Traces freeze the weights in: an in-place update (optimizer step, load_state_dict) must drop them."""
+    policy = _policy("dap")
+    fast_sampler.set_options(policy, trace="on", parallel="off")
+    obs = _obs(1)
+    before, _, _ = _fast(policy, obs, "jacobi", seed=3)
+    with torch.no_grad():
+        for p in policy.policy_net.unet.parameters():
+            p.mul_(1.5)
+        for p in policy.dynamics.parameters():
+            p.mul_(0.5)
+    a_ref, _, _ = _reference(policy, obs, "jacobi", seed=3)
+    after, _, _ = _fast(policy, obs, "jacobi", seed=3)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, a_ref, rtol=0, atol=ATOL)
+
+
+def test_auto_tracing_starts_at_the_second_call_with_the_same_weights():
+    policy = _policy("fm")
+    fast_sampler.set_options(policy, trace="auto", parallel="off")
+    obs = _obs(1)
+    first = policy.predict_chunk(obs, generator=torch.Generator().manual_seed(0)).actions
+    state = fast_sampler._STATES[policy]
+    assert state.traces.traces == {}
+    second = policy.predict_chunk(obs, generator=torch.Generator().manual_seed(0)).actions
+    assert state.traces.traces  # traced now
+    np.testing.assert_allclose(first, second, rtol=0, atol=1e-5)
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="trace"):
+        fast_sampler.SamplerOptions(trace="sometimes")
+    with pytest.raises(ValueError, match="parallel"):
+        fast_sampler.SamplerOptions(parallel="yes")
+    with pytest.raises(ValueError, match="threads"):
+        fast_sampler.SamplerOptions(threads=0)
+
+
+def test_torch_threads_are_restored_after_sampling():
+    """Batch-1 sampling runs each model on one intra-op thread ("auto"), then restores torch's setting."""
+    policy = _policy("dap")
+    fast_sampler.set_options(policy, trace="on", parallel="on")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a1, _, _ = _fast(policy, _obs(1), "jacobi", seed=0)
+        assert torch.get_num_threads() == 2
+        fast_sampler.set_options(policy, threads="torch")
+        a2, _, _ = _fast(policy, _obs(1), "jacobi", seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+    torch.testing.assert_close(a1, a2, rtol=0, atol=ATOL)
