@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from dapolicy import wire
-from dapolicy.client import (ActionChunkBroker, LatencyLog, PolicyClient, Timing, chunk_seed, format_latency,
-                             frame_from_obs)
+from dapolicy.client import (
+    ActionChunkBroker,
+    LatencyLog,
+    PolicyClient,
+    Timing,
+    chunk_seed,
+    format_latency,
+    frame_from_obs,
+)
 
 T_O, H, T_A, S = 2, 16, 8, 8
 

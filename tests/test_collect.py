@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from dapolicy.cli import main
-from dapolicy.collect import (RANDOM_SEED_OFFSET, CollectConfig, Job, collect, ou_actor, plan_jobs,
-                              walk_actor)
+from dapolicy.collect import RANDOM_SEED_OFFSET, CollectConfig, Job, collect, ou_actor, plan_jobs, walk_actor
 from dapolicy.data.store import EpisodeStore
 from dapolicy.spec import EnvSpec
 

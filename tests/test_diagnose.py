@@ -16,10 +16,10 @@ import torch
 
 from dapolicy import diagnose as dg
 from dapolicy.data.store import Episode, EpisodeStore
-from dapolicy.spec import EnvSpec
 from dapolicy.policies.base import Capabilities, ChunkPrediction
 from dapolicy.policies.coupling import COUPLING_MODES
 from dapolicy.policies.normalizer import MinMaxNormalizer
+from dapolicy.spec import EnvSpec
 
 SPEC = EnvSpec(name="synthetic", cameras=("front", "wrist"), image_size=16, action_dim=2, proprio_dim=3,
                max_steps=50, action_low=(-1.0, -1.0), action_high=(1.0, 1.0))

@@ -1,4 +1,5 @@
-"""The user's workflow end to end on a real simulator (Meta-World, two cameras), at toy size: collect -> train -> eval -> diagnose."""
+"""The user's workflow end to end on a real simulator (Meta-World, two cameras), at toy size:
+collect -> train -> eval -> diagnose."""
 
 import json
 

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from dapolicy import evaluate as ev
+from dapolicy.envs.base import StepResult, make_env
 from dapolicy.policies.base import Capabilities, ChunkPrediction
 from dapolicy.policies.coupling import COUPLING_MODES
-from dapolicy.envs.base import StepResult, make_env
 from dapolicy.spec import EnvSpec
 
 SIZE = 32

@@ -15,8 +15,8 @@ import torch
 
 from dapolicy.cli import main as cli_main
 from dapolicy.data.store import Episode, EpisodeStore
-from dapolicy.spec import EnvSpec
 from dapolicy.policies import DAPPolicy, FMPolicy, load_pretrained
+from dapolicy.spec import EnvSpec
 from dapolicy.train import RunFolderError, TrainingDiverged, train
 from dapolicy.training.checkpoint import load_checkpoint
 from dapolicy.training.metrics import read_metrics

@@ -472,7 +472,7 @@ def _csv_list(text: str | None, cast: Callable[[str], Any] = str) -> list[Any] |
 def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     if args.report:
-        for name, path in write_reports(suite).items():
+        for path in write_reports(suite).values():
             print(f"wrote {path}")
         return 0
     cells = plan_cells(suite, args.split, _csv_list(args.only), _csv_list(args.tasks), _csv_list(args.seeds, int),

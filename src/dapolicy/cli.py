@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "robustness": ("dapolicy.robustness", "success vs OOD perturbation strength, one line per run (PNG + JSON)"),
     "diagnose": ("dapolicy.diagnose", "Fig. 2 of the paper: quality of the extrapolated estimates vs tau"),
     "bench": ("dapolicy.bench", "per-chunk inference latency of each coupling mode, as ratios to the plain policy"),
-    "benchmark": ("dapolicy.benchmark", "methods x tasks x seeds x evaluation suites, resumable, results in benchmarks/"),
+    "benchmark": ("dapolicy.benchmark", "methods x tasks x seeds x evaluation suites, resumable, committed results"),
     "quickstart": ("dapolicy.quickstart", "collect, train, evaluate and diagnose on the default task"),
     "import": ("dapolicy.dataset_io", "import a LeRobot v3 or Diffusion-Policy dataset into an episode store"),
     "export": ("dapolicy.dataset_io", "export an episode store as a LeRobotDataset v3 folder"),

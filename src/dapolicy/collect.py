@@ -28,8 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dapolicy.data.store import (COLLECT_STORE_NAME, SOURCES, Episode, EpisodeStore, StoreError,
-                                 write_json_atomic)
+from dapolicy.data.store import COLLECT_STORE_NAME, SOURCES, Episode, EpisodeStore, StoreError, write_json_atomic
 from dapolicy.envs.base import Env, make_env
 from dapolicy.spec import EnvSpec
 

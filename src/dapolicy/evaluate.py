@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from dapolicy.envs.base import Env, make_env
-from dapolicy.spec import EnvSpec
 from dapolicy.envs.perturbations import OOD_KINDS, OODConfig
-from dapolicy.policies.registry import MODEL_SUBDIR, resolve_model_dir
 from dapolicy.policies.receding import RecedingHorizon, env_frame
+from dapolicy.policies.registry import MODEL_SUBDIR, resolve_model_dir
+from dapolicy.spec import EnvSpec
 from dapolicy.stats import latency_summary, wilson_interval
 
 DEFAULT_SEED = 100_000

@@ -211,7 +211,7 @@ class PolicyServer:
             raise BadRequest(f"'obs' must be a map with keys 'images' and 'proprio', got {type(obs).__name__}")
         missing, extra = {"images", "proprio"} - set(obs), set(obs) - {"images", "proprio"}
         if missing or extra:
-            raise BadRequest(f"'obs' must have exactly the keys ['images', 'proprio']"
+            raise BadRequest("'obs' must have exactly the keys ['images', 'proprio']"
                              + (f"; missing {sorted(missing)}" if missing else "")
                              + (f"; unexpected {sorted(map(str, extra))}" if extra else ""))
         images = _array(obs["images"], "obs.images", ("uint8",), 6, f"[B, {t}, {c}, {s}, {s}, 3]")

@@ -59,7 +59,7 @@ def make_lerobot(root: Path, seed: int = 0, nan_action: bool = False) -> dict[st
     episodes 0-1 back to back (file 0) and episode 2 in file 1; the wrist camera is PNG inside the parquet."""
     rng = np.random.default_rng(seed)
     eps = []
-    for e, n in enumerate(LENGTHS):
+    for n in LENGTHS:
         eps.append({"front": rng.integers(0, 256, (n, *FRONT_HW, 3), dtype=np.uint8),
                     "wrist": rng.integers(0, 256, (n, *WRIST_HW, 3), dtype=np.uint8),
                     "state": rng.standard_normal((n, 3)).astype(np.float32),

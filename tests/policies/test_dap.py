@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from dapolicy.spec import EnvSpec
 from dapolicy.policies import DAPPolicy, load_pretrained, make_config, make_policy
+from dapolicy.spec import EnvSpec
 
 SPEC = EnvSpec(name="test", cameras=("a", "b"), image_size=32, action_dim=3, proprio_dim=2, max_steps=10,
                action_low=(-1, -1, -1), action_high=(1, 1, 1))
@@ -16,7 +16,7 @@ def _randomise(module: nn.Module, seed: int = 0) -> None:
     """Zero-initialised output layers (adaLN-Zero) hide wiring bugs; give every weight a random value."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SQUARE_SPEC, SquareEnv
+from conftest import SquareEnv
 
 from dapolicy.cli import main as cli_main
 from dapolicy.evaluate import evaluate

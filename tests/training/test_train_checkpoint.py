@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from dapolicy.training.checkpoint import (atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint,
-                                          set_rng_state, step_seed)
+from dapolicy.training.checkpoint import (
+    atomic_write_bytes,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    step_seed,
+)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path) -> None:

@@ -51,9 +51,8 @@ def test_round_trip_and_overrides() -> None:
 
 
 def test_stage_batch_sizes_and_auto_threads() -> None:
-    from dapolicy.training.config import auto_threads
-
     from dapolicy.policies import make_config
+    from dapolicy.training.config import auto_threads
 
     presets = make_config("dap", "small").training
     assert presets.vae.batch_size == 32 and presets.policy.batch_size == 64

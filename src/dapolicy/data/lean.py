@@ -110,7 +110,8 @@ def lean_images(store: Any, ids: Sequence[int], selection: Any = (None, False, N
         probe = tempfile.TemporaryFile(dir=folder)
         probe.close()
     except OSError as e:
-        raise StoreError(f"cannot write the lean image cache in {folder} ({e}); pass lean_dir= a writable folder")
+        raise StoreError(f"cannot write the lean image cache in {folder} ({e}); "
+                         "pass lean_dir= a writable folder") from e
     name = _selection_name(selection)
     data_path, side_path = folder / f"{name}.u8", folder / f"{name}.json"
     want = {"format": FORMAT, "version": VERSION, "store": _store_identity(store), "spec": spec.to_dict(),

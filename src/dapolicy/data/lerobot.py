@@ -35,8 +35,19 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from dapolicy.data.foreign import (DatasetFormatError, ImportConfig, ImportResult, check_vectors, default_success,
-                                   fit_square, map_frames, parse_cameras, resolve_image_size, source_of, write_store)
+from dapolicy.data.foreign import (
+    DatasetFormatError,
+    ImportConfig,
+    ImportResult,
+    check_vectors,
+    default_success,
+    fit_square,
+    map_frames,
+    parse_cameras,
+    resolve_image_size,
+    source_of,
+    write_store,
+)
 from dapolicy.data.store import Episode, EpisodeStore
 from dapolicy.spec import EnvSpec
 

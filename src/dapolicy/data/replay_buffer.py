@@ -20,8 +20,18 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from dapolicy.data.foreign import (DatasetFormatError, ImportConfig, ImportResult, check_vectors, default_success,
-                                   map_frames, parse_cameras, resolve_image_size, source_of, write_store)
+from dapolicy.data.foreign import (
+    DatasetFormatError,
+    ImportConfig,
+    ImportResult,
+    check_vectors,
+    default_success,
+    map_frames,
+    parse_cameras,
+    resolve_image_size,
+    source_of,
+    write_store,
+)
 from dapolicy.data.store import Episode
 from dapolicy.spec import EnvSpec
 

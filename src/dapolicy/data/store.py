@@ -31,7 +31,6 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from dapolicy.atomic import to_jsonable, write_json_atomic
-
 from dapolicy.spec import EnvSpec
 
 try:  # POSIX advisory locking; without it (Windows) appends are simply not protected against a second writer

@@ -15,11 +15,11 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import functools  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-import atexit  # noqa: E402
 import weakref  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -35,8 +35,8 @@ with warnings.catch_warnings():  # gymnasium/metaworld import-time deprecation c
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS  # noqa: E402
 
 from dapolicy.envs.base import Observation, StepResult  # noqa: E402
-from dapolicy.spec import EnvSpec
 from dapolicy.envs.perturbations import OODConfig, blind_observation  # noqa: E402
+from dapolicy.spec import EnvSpec
 
 DEFAULT_CAMERAS: tuple[str, ...] = ("corner4", "gripperPOV")
 ACTION_DIM = 4

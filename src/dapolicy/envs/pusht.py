@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from dapolicy.envs.base import Observation, StepResult
-from dapolicy.spec import EnvSpec
 from dapolicy.envs.experts.pusht_planner import (
     GOAL_POSE,
     SUCCESS_COVERAGE,
@@ -36,6 +35,7 @@ from dapolicy.envs.experts.pusht_planner import (
     to_world,
 )
 from dapolicy.envs.perturbations import OODConfig, blind_observation
+from dapolicy.spec import EnvSpec
 
 WORKSPACE = 512.0  # gym-pusht's board, in pixels
 AGENT_RADIUS = 15.0
@@ -50,8 +50,8 @@ class PushTEnv:
     def __init__(self, image_size: int = 64, ood: OODConfig | None = None, max_steps: int = 300,
                  planner_config: PlannerConfig | None = None) -> None:
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-        import gymnasium as gym
         import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
+        import gymnasium as gym
 
         self.spec = EnvSpec(name="pusht", cameras=("top",), image_size=int(image_size), action_dim=2,
                             proprio_dim=2, max_steps=int(max_steps), action_low=(0.0, 0.0),

@@ -9,8 +9,15 @@ from dapolicy.policies.base import Capabilities, ChunkPrediction, Policy, StageP
 from dapolicy.policies.dap import DAPPolicy
 from dapolicy.policies.dap_config import DAPConfig, NextObsMix
 from dapolicy.policies.fm import FMConfig, FMPolicy
-from dapolicy.policies.registry import (SIZES, Method, get_method, load_pretrained, make_config, make_policy,
-                                        method_names)
+from dapolicy.policies.registry import (
+                                        SIZES,
+                                        Method,
+                                        get_method,
+                                        load_pretrained,
+                                        make_config,
+                                        make_policy,
+                                        method_names,
+)
 
 __all__ = ["Capabilities", "ChunkPrediction", "DAPConfig", "DAPPolicy", "FMConfig", "FMPolicy", "Method",
            "NextObsMix", "Policy", "SIZES", "StagePreset", "StageSpec", "UnsupportedByMethod", "get_method",

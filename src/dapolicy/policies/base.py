@@ -243,7 +243,8 @@ class Policy(nn.Module, ABC):
         out = {}
         for key, shape in expected.items():
             if key not in obs:
-                raise ValueError(f"observation is missing key {key!r} (expected shape [B, {', '.join(map(str, shape))}])")
+                dims = ", ".join(map(str, shape))
+                raise ValueError(f"observation is missing key {key!r} (expected shape [B, {dims}])")
             value = obs[key] if isinstance(obs[key], Tensor) else torch.as_tensor(np.asarray(obs[key]))
             if value.dim() != len(shape) + 1 or tuple(value.shape[1:]) != shape:
                 raise ValueError(f"observation {key!r} has shape {tuple(value.shape)}, "

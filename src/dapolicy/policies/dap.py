@@ -14,8 +14,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dapolicy.flow import (euler_step, extrapolate, flow_loss, interpolate, sample_tau, time_grid, training_pair,
-                           velocity_target)
+from dapolicy.flow import (
+    euler_step,
+    extrapolate,
+    flow_loss,
+    interpolate,
+    sample_tau,
+    time_grid,
+    training_pair,
+    velocity_target,
+)
 from dapolicy.nn.dit import LatentDynamicsDiT
 from dapolicy.policies.base import Capabilities, ChunkPrediction, StageSpec, require
 from dapolicy.policies.coupling import COUPLING_MODES, CouplingTrace, coupled_generation
@@ -209,7 +217,7 @@ class DAPPolicy(FMPolicy):
         return ChunkPrediction(self.action_normalizer.unnormalize(a).cpu().numpy(), next_frames, trace)
 
 
-def _method() -> "Method":
+def _method():  # -> registry.Method (imported late: the registry imports this module)
     from dapolicy.policies.dap_config import DAP_CONFIGS
     from dapolicy.policies.registry import Method
 

@@ -24,8 +24,17 @@ from torch import Tensor, nn
 
 from dapolicy.nn.encoders import ResNetGN, ResNetGNConfig, SpatialSoftmax, random_shift
 from dapolicy.nn.unet1d import CrossAttnUNet1D, UNet1DConfig
-from dapolicy.policies.base import (Capabilities, ChunkPrediction, Policy, StagePreset, StageSpec, TrainingPresets,
-                                    images_to_float, preset_field, require)
+from dapolicy.policies.base import (
+    Capabilities,
+    ChunkPrediction,
+    Policy,
+    StagePreset,
+    StageSpec,
+    TrainingPresets,
+    images_to_float,
+    preset_field,
+    require,
+)
 from dapolicy.policies.diffusion import DIFFUSION_MODES, DiffusionConfig, NoiseScheduler
 from dapolicy.policies.fm import sized_training
 from dapolicy.spec import EnvSpec

@@ -19,8 +19,18 @@ from dapolicy.flow import FlowConfig, flow_loss, sample_tau, training_pair
 from dapolicy.nn.encoders import ResNetGNConfig, random_shift
 from dapolicy.nn.unet1d import UNet1DConfig
 from dapolicy.nn.vae import VAE, VAEConfig
-from dapolicy.policies.base import (Capabilities, ChunkPrediction, Policy, StagePreset, StageSpec, TrainingPresets,
-                                    float_to_images, images_to_float, preset_field, require)
+from dapolicy.policies.base import (
+    Capabilities,
+    ChunkPrediction,
+    Policy,
+    StagePreset,
+    StageSpec,
+    TrainingPresets,
+    float_to_images,
+    images_to_float,
+    preset_field,
+    require,
+)
 from dapolicy.policies.policy_net import PolicyNet
 from dapolicy.spec import EnvSpec
 
@@ -238,7 +248,7 @@ class FMPolicy(Policy):
         return ChunkPrediction(self.action_normalizer.unnormalize(a).cpu().numpy(), trace=trace)
 
 
-def _method() -> "Method":
+def _method():  # -> registry.Method (imported late: the registry imports this module)
     from dapolicy.policies.registry import Method
 
     return Method("fm", "the flow-matching policy alone (DAP's policy network, no dynamics model)", FMConfig,

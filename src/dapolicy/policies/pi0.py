@@ -26,8 +26,17 @@ from torch import Tensor, nn
 from dapolicy.flow import FlowConfig, flow_loss, sample_tau, training_pair
 from dapolicy.nn.attention import KV, _split_heads, sinusoidal_embedding
 from dapolicy.nn.encoders import ResNetGN, ResNetGNConfig, random_shift
-from dapolicy.policies.base import (Capabilities, ChunkPrediction, Policy, StagePreset, StageSpec, TrainingPresets,
-                                    images_to_float, preset_field, require)
+from dapolicy.policies.base import (
+    Capabilities,
+    ChunkPrediction,
+    Policy,
+    StagePreset,
+    StageSpec,
+    TrainingPresets,
+    images_to_float,
+    preset_field,
+    require,
+)
 from dapolicy.policies.coupling import CouplingTrace, sample_policy
 from dapolicy.policies.fm import sized_training
 from dapolicy.spec import EnvSpec

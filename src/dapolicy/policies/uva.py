@@ -28,8 +28,16 @@ from dapolicy.nn.attention import SelfAttention, TimestepEmbedding
 from dapolicy.nn.dit import DiTConfig, FinalLayer, _modulate
 from dapolicy.nn.encoders import LatentPatchTokenizer
 from dapolicy.nn.vae import VAE, VAEConfig
-from dapolicy.policies.base import (Capabilities, ChunkPrediction, Policy, StagePreset, StageSpec, TrainingPresets,
-                                    preset_field, require)
+from dapolicy.policies.base import (
+    Capabilities,
+    ChunkPrediction,
+    Policy,
+    StagePreset,
+    StageSpec,
+    TrainingPresets,
+    preset_field,
+    require,
+)
 from dapolicy.policies.coupling import CouplingTrace
 from dapolicy.policies.fm import FMPolicy, paper_parts, sized_training, small_parts, tiny_parts
 from dapolicy.spec import EnvSpec

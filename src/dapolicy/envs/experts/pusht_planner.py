@@ -360,8 +360,8 @@ class PushTPlanner:
     def _simulator(self):
         """The second, physics-only gym-pusht instance (created on first use)."""
         if self._sim is None:
-            import gymnasium as gym
             import gym_pusht  # noqa: F401  (registers the env)
+            import gymnasium as gym
 
             self._sim = gym.make("gym_pusht/PushT-v0", obs_type="state", disable_env_checker=True).unwrapped
             self._sim.reset(seed=0)
@@ -416,7 +416,7 @@ def run_episode(seed: int, config: PlannerConfig | None = None, image_size: int 
     env = PushTEnv(image_size=image_size, max_steps=max_steps, planner_config=config)
     env.reset(seed)
     best, steps, success = 0.0, 0, False
-    for steps in range(1, max_steps + 1):
+    for steps in range(1, max_steps + 1):  # noqa: B007 (the count is reported after the loop)
         _, result = env.step(env.expert_action())
         best = max(best, float(result.info["coverage"]))
         success = result.success
