@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from dapolicy.nn.dit import DiTConfig
 from dapolicy.policies.base import StagePreset, TrainingPresets, preset_field
 from dapolicy.policies.coupling import COUPLING_MODES
-from dapolicy.policies.fm import FMConfig, paper_parts, sized_training, small_parts, tiny_parts
+from dapolicy.policies.fm import VAE_PRESET, FMConfig, paper_parts, sized_training, small_parts, tiny_parts
 
 EPISODE_SOURCES: tuple[str, ...] = ("expert", "random", "noisy_expert")
 
@@ -54,7 +54,7 @@ class NextObsMix:
 class DAPTraining(TrainingPresets):
     """Per-stage defaults: VAE (single frames), dynamics model (all episodes), policy (expert windows)."""
 
-    vae: StagePreset = preset_field(900, 1e-4, 32)
+    vae: StagePreset = preset_field(*VAE_PRESET)
     dynamics: StagePreset = preset_field(1500, 1e-4, 64)
     policy: StagePreset = preset_field(2200, 3e-4, 64)
 

@@ -39,7 +39,7 @@ from dapolicy.policies.base import (
     require,
 )
 from dapolicy.policies.coupling import CouplingTrace
-from dapolicy.policies.fm import FMPolicy, paper_parts, sized_training, small_parts, tiny_parts
+from dapolicy.policies.fm import VAE_PRESET, FMPolicy, paper_parts, sized_training, small_parts, tiny_parts
 from dapolicy.spec import EnvSpec
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class UVATraining(TrainingPresets):
     """Per-stage defaults: the VAE as for FM/DAP; the joint model gets DAP's dynamics + policy step budget,
     since it learns both in one network."""
 
-    vae: StagePreset = preset_field(900, 1e-4, 32)
+    vae: StagePreset = preset_field(*VAE_PRESET)
     policy: StagePreset = preset_field(3700, 2e-4, 64)
 
 
