@@ -279,8 +279,10 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
              env: str | None = None, videos: int = 3, mode: str | None = None, flow_steps: int | None = None,
              max_steps: int | None = None, out_dir: str | Path | None = None, name: str | None = None,
              policy: Any = None, env_factory: EnvFactory | None = None, progress: bool = True,
-             device: str | None = "cpu") -> dict[str, Any]:
+             device: str | None = "cpu", threads: int | None = None) -> dict[str, Any]:
     """Evaluate the policy of `run_dir` (a run folder or a model folder) and write `<out_dir>/<name>.json`.
+
+    threads: torch CPU threads while evaluating (None = torch's setting); restored afterwards.
 
     ood: none | light | distractor | novel_object | blind | all, a perturbation optionally with a strength
         ("light:0.8", result name "light@0.8"; docs/ood.md); blind = grey images, a control for whether the
