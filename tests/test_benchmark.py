@@ -78,3 +78,18 @@ def test_run_of_evaluates_another_variants_run(smoke, tmp_path):
     bad.write_text(text + 'steps = "3"\n')
     with pytest.raises(bm.SuiteError, match="run_of"):
         bm.load_suite(bad)
+
+
+def test_a_base_run_without_suites_trains_only_when_asked(smoke, tmp_path):
+    folder, work = smoke
+    text = (folder / "suite.toml").read_text().replace('[methods.dap]\nmethod = "dap"\nconfig = "tiny"\nsteps = "2"',
+                                                      '[methods.dap]\nmethod = "dap"\nconfig = "tiny"\nsteps = "2"'
+                                                      '\n\n[methods.base]\nmethod = "dap"\nconfig = "tiny"\n'
+                                                      'steps = "vae=2,dynamics=2,policy=0"\nsuites = []')
+    (folder / "suite2.toml").write_text(text)
+    suite = bm.load_suite(folder / "suite2.toml")
+    assert not [c for c in bm.plan_cells(suite, "test") if c.variant == "base"]
+    assert ("base", "button", 0) in bm.plan_trainings(suite, only=["base"])
+    assert cli_main(["benchmark", str(folder / "suite2.toml"), "--work", str(work), "--only", "base",
+                     "--train-only", "--quiet", "--threads", "1"]) == 0
+    assert bm._finished(work / "runs" / "base" / "button" / "s0")

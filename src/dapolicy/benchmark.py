@@ -190,17 +190,32 @@ def plan_cells(suite: Suite, split: str, only: list[str] | None = None, tasks: l
     for v in suite.variants.values():
         if only and v.name not in only:
             continue
-        for task in v.tasks or list(suite.tasks):
+        for task in v.tasks if v.tasks is not None else list(suite.tasks):
             if tasks and task not in tasks:
                 continue
-            for seed in v.seeds or suite.protocol.seeds:
+            for seed in v.seeds if v.seeds is not None else suite.protocol.seeds:
                 if seeds and seed not in seeds:
                     continue
-                for kind in v.suites or suite.protocol.suites:
+                for kind in v.suites if v.suites is not None else suite.protocol.suites:
                     if suites and kind not in suites:
                         continue
                     cells.append(Cell(v.name, task, int(seed), kind, split))
     return cells
+
+
+def plan_trainings(suite: Suite, only: list[str] | None = None, tasks: list[str] | None = None,
+                   seeds: list[int] | None = None) -> list[tuple[str, str, int]]:
+    """The (variant, task, seed) runs of the selection, including variants that are never evaluated (a shared
+    base run), in suite order."""
+    runs = []
+    for v in suite.variants.values():
+        if (only and v.name not in only) or v.run_of:
+            continue
+        for task in v.tasks if v.tasks is not None else list(suite.tasks):
+            for seed in v.seeds if v.seeds is not None else suite.protocol.seeds:
+                if (not tasks or task in tasks) and (not seeds or seed in seeds):
+                    runs.append((v.name, task, int(seed)))
+    return runs
 
 
 def cell_path(suite: Suite, cell: Cell) -> Path:
@@ -459,10 +474,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default=None, help="comma list of training seeds to run")
     p.add_argument("--suites", default=None, help="comma list of evaluation suites to run")
     p.add_argument("--report", action="store_true", help="only rewrite results.csv/.md and the charts")
+    p.add_argument("--train-only", action="store_true",
+                   help="train (or resume) the selected runs without evaluating, e.g. a shared base run")
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether each is done")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: auto)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from dapolicy.cli_options import add_device, add_quiet, add_threads
+
+    add_threads(p, None, "training's auto rule, the cores the load average leaves free")
+    add_device(p, "training and evaluation run")
+    add_quiet(p)
 
 
 def _csv_list(text: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None:
@@ -482,8 +501,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'done ' if cell_path(suite, c).is_file() else 'todo '} {c.file_name} ({c.split})")
         return 0
     work = Path(args.work) if args.work else Path("runs") / "benchmarks" / suite.name
+    runner = Runner(suite, work, threads=args.threads, progress=not args.quiet, device=args.device)
     try:
-        Runner(suite, work, threads=args.threads, progress=not args.quiet, device=args.device).run(cells)
+        if args.train_only:
+            for variant, task, seed in plan_trainings(suite, _csv_list(args.only), _csv_list(args.tasks),
+                                                      _csv_list(args.seeds, int)):
+                print(f"trained: {runner.ensure_trained(variant, task, seed)}")
+            return 0
+        runner.run(cells)
     except KeyboardInterrupt:
         print(f"\ndap benchmark: interrupted; finished cells are kept in {suite.results_dir / 'cells'}; rerun the "
               f"same command to continue", file=sys.stderr)
