@@ -60,6 +60,20 @@ def write_json_atomic(path: str | os.PathLike, payload: Any, indent: int = 2, so
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
+class CorruptFileError(ValueError):
+    """A file this package wrote is not readable any more (truncated, edited by hand, disk trouble)."""
+
+
+def read_json(path: str | os.PathLike, fix: str = "") -> Any:
+    """A JSON file's content; a corrupt file is an error naming the file (and `fix`, what to do about it),
+    because a bare JSONDecodeError ("Expecting value: line 1 column 1") does not say which file is broken."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{path} is corrupt (not valid JSON: {err})" + (f"; {fix}" if fix else "")) from None
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Persist a rename inside `path` (best effort: some filesystems refuse to open folders)."""
     try:

@@ -376,25 +376,30 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="latency / train (random weights, every method), modes RUN (a trained model's coupling "
                         "modes); a bare RUN means modes RUN")
     p.add_argument("run", nargs="?", default=None, help="for modes: run folder (with model/) or model folder")
+    from dapolicy.cli_options import add_device, add_out, positive_int
+
     p.add_argument("--config", default="small", choices=SIZES, help="named size for latency/train (default small)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_device(p, "the models run")
     p.add_argument("--batch", type=_int_list, default=[1, 8], help="latency batch sizes (default 1,8)")
     p.add_argument("--steps", type=_int_list, default=[1, 2, 5, 10], help="latency sampling steps K (default 1,2,5,10)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: every registered method)")
-    p.add_argument("--reps", type=int, default=None,
+    p.add_argument("--reps", type=positive_int, default=None,
                    help="timed runs per case (default: latency 20, train 5, modes 30)")
-    p.add_argument("--threads", type=_int_list, default=None,
-                   help="torch threads; latency takes a list (e.g. 1,2) and times every case at each "
+    p.add_argument("--threads", type=_int_list, default=None, metavar="N[,N...]",
+                   help="torch CPU threads; latency takes a list (e.g. 1,2) and times every case at each "
                         "(default: torch's)")
     p.add_argument("--reference", action="store_true",
                    help="latency: also time DAP (Jacobi) and FM through the reference sampler (before/after)")
-    p.add_argument("--flow-steps", type=int, default=None, help="modes: K (default: the model's)")
-    p.add_argument("--json", default=None, help="write every figure to this JSON file")
+    p.add_argument("--flow-steps", type=positive_int, default=None, help="modes: K (default: the model's)")
+    add_out(p, "also write every figure to this JSON file (--json: the older spelling)", "--json", dest="json")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is visible to torch")
+    from dapolicy.cli_options import resolve_device
+
+    args.device = resolve_device(args.device)
+    if args.reps is not None and args.reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {args.reps}")
     if args.threads:
         torch.set_num_threads(args.threads[0])
     if args.what not in SUBMODES:  # `dap bench RUN`: the original behaviour

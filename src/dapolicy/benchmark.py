@@ -480,7 +480,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     from dapolicy.cli_options import add_device, add_quiet, add_threads
 
     add_threads(p, None, "training's auto rule, the cores the load average leaves free")
-    add_device(p, "training and evaluation run")
+    add_device(p, "training runs (evaluation stays on cpu)")
     add_quiet(p)
 
 

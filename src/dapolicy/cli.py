@@ -7,6 +7,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,29 +51,49 @@ def _missing_extra(err: ModuleNotFoundError) -> str:
     return f"the {name!r} package is missing: pip install {name}"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line naming the flag and the fix: the usage block that argparse
+    prints first buries the problem for a newcomer (`--help` still shows everything)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser(configure: str | None = None, every: bool = False) -> argparse.ArgumentParser:
+    """The `dap` parser; the options of `configure` (or of every command with `every`, for tests and docs) are
+    added. Only those commands' modules are imported, so a missing optional package fails only its command."""
+    parser = OneLineParser(prog="dap", description="DAP: Dynamics-Aligned Flow Matching Policy",
+                           epilog=f"Errors print one line; `dap --debug COMMAND ...` (or {DEBUG_ENV}=1) "
+                                  "shows the traceback.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="`dap COMMAND --help` lists its options")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if every or name == configure:
+            importlib.import_module(module).configure_parser(p)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one `dap` command; returns the exit code (2: a user error, printed as one line; 130: Ctrl-C)."""
     _headless_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get(DEBUG_ENV))
     if argv[:1] == ["--debug"]:
         debug, argv = True, argv[1:]
-    parser = argparse.ArgumentParser(prog="dap", description="DAP: Dynamics-Aligned Flow Matching Policy",
-                                     epilog=f"Errors print one line; `dap --debug COMMAND ...` (or {DEBUG_ENV}=1) "
-                                            "shows the traceback.")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        if argv[:1] == [name]:  # only the chosen command's module is imported
-            try:
-                importlib.import_module(module).configure_parser(p)
-            except ModuleNotFoundError as err:
-                if debug:
-                    raise
-                print(f"dap {name}: error: {_missing_extra(err)}", file=sys.stderr)
-                return 2
-    args = parser.parse_args(argv)
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    try:
+        parser = build_parser(chosen)
+    except ModuleNotFoundError as err:
+        if debug:
+            raise
+        print(f"dap {chosen}: error: {_missing_extra(err)}", file=sys.stderr)
+        return 2
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed): a code, not an exit
+        return exit_.code if isinstance(exit_.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
@@ -92,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     except _USER_ERRORS as err:
         if debug:
             raise
-        message = str(err) if not isinstance(err, KeyError) else f"missing key {err}"
-        print(f"dap {args.command}: error: {message}", file=sys.stderr)
+        print(f"dap {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return int(code or 0)
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of a user error on one line (a KeyError's bare key says nothing on its own)."""
+    message = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+    return " ".join(message.split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -384,12 +384,14 @@ def collect(env_name: str, out: str | Path, expert_episodes: int = 50, random_ep
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    from dapolicy.cli_options import add_out, add_quiet, add_seed
+
     p.add_argument("env", help='task: "pusht" or "metaworld/<task-v3>" (e.g. metaworld/button-press-v3)')
-    p.add_argument("--out", required=True, help="output directory (episodes.zarr + summary.json)")
+    add_out(p, "output directory (episodes.zarr + summary.json)", required=True)
     p.add_argument("--expert-episodes", type=int, default=50, help="scripted-expert episodes (default 50)")
     p.add_argument("--random-episodes", type=int, default=50,
                    help="random + noisy-expert episodes for the dynamics model (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="first expert seed; random ones start at seed+1e6")
+    add_seed(p, 0, "first expert seed (default 0); random ones start at SEED+1e6")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--cameras", default=None, help="comma-separated camera names (default: the env's)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted collection in --out")
@@ -402,7 +404,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="length of random episodes, cap of noisy-expert ones (default: min(100, max steps))")
     p.add_argument("--random-mode", choices=("auto", "ou", "walk"), default="auto",
                    help="smoothed random actions: OU noise, or a target random walk (auto: walk for pusht)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Any
 
+from dapolicy.cli_options import add_out, add_quiet
 from dapolicy.data.store import SOURCES
 
 IMPORT_FORMATS = ("lerobot", "diffusion-policy")
@@ -29,8 +30,8 @@ def _csv(text: str | None) -> tuple[str, ...]:
 def _configure_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("format", choices=IMPORT_FORMATS, help="layout of SRC")
     p.add_argument("src", metavar="SRC", help="the dataset folder (or a .zarr.zip replay buffer)")
-    p.add_argument("--out", required=True, help="output folder: the store is written to OUT/episodes.zarr "
-                   "(with --append: an existing store or `dap collect` folder)")
+    add_out(p, "output folder: the store is written to OUT/episodes.zarr (with --append: an existing store or "
+               "`dap collect` folder)", required=True)
     p.add_argument("--append", action="store_true", help="add the episodes to the existing store at --out")
     p.add_argument("--image-size", type=int, default=None,
                    help="side of the square store images (default: the existing store's with --append, a DAP "
@@ -51,13 +52,13 @@ def _configure_import(p: argparse.ArgumentParser) -> None:
                    help="per-episode (or per-frame: any) success flag (default: 'success' if present, else "
                         "true for demonstrations, false for random episodes)")
     p.add_argument("--name", default=None, help="env name recorded in the store's spec")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("format", choices=EXPORT_FORMATS, help="layout to write")
     p.add_argument("store", metavar="STORE", help="an episode store or a `dap collect` / `dap import` folder")
-    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    add_out(p, "output folder (must not exist, or be empty)", required=True)
     p.add_argument("--fps", type=int, default=10, help="frame rate recorded in the dataset (default 10)")
     p.add_argument("--codec", choices=CODEC_NAMES, default="lossless",
                    help="video codec: lossless (default, bit-exact H.264 RGB), ffv1 (bit-exact), h264 or av1 "
@@ -68,7 +69,7 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sources", default=None, metavar="SRC[,SRC...]", help="export only these sources")
     p.add_argument("--frames-per-file", type=int, default=50_000,
                    help="start new data/video files after this many frames")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

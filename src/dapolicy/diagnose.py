@@ -18,7 +18,7 @@ recorded, else the expert episodes `dap train` held out of the policy stage (rec
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -88,16 +88,29 @@ def validation_episodes(run_dir: str | Path, data_path: str | Path | None = None
 
     data_path overrides the path in RUN/config.json (needed when diagnosing a bare model folder).
     """
+    from dapolicy.atomic import CorruptFileError, read_json
     from dapolicy.data.store import EpisodeStore
 
     cfg_path = _run_config_path(Path(run_dir))
-    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    try:
+        config = read_json(cfg_path, "pass the model folder and the training data: dap diagnose RUN/model --data "
+                                     "DATA") if cfg_path.is_file() else {}
+    except CorruptFileError:
+        if data_path is None:
+            raise
+        print(f"[dap diagnose] note: {cfg_path} is corrupt, so the run's validation split is unknown; validating on "
+              f"the last {VAL_FRACTION:.0%} of the expert episodes of {data_path}", file=sys.stderr)
+        config = {}
+    config = config if isinstance(config, dict) else {}
     path = data_path or _find_data_path(config)
     if path is None:
         raise ValueError(f"cannot tell which data {run_dir} was trained on: no data path in {cfg_path}; "
                          "pass --data")
     if not Path(path).exists() and (Path(run_dir) / path).exists():
         path = Path(run_dir) / path  # recorded relative to the run folder
+    if data_path is None and not Path(path).exists():
+        raise FileNotFoundError(f"the training data of {run_dir} is not at {path} any more (the path recorded in "
+                                f"{cfg_path}): pass its new location with --data")
     store = EpisodeStore.open(path)
     val = _find_val_episodes(config)
     if val is None:
@@ -148,12 +161,27 @@ def _masked_mse(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
 def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32, out_dir: str | Path | None = None,
              data_path: str | Path | None = None, mode: str | None = None, flow_steps: int | None = None,
              batch_size: int = 16, strip_windows: int = 3, seed: int = 0, policy: Any = None,
-             progress: bool = True, device: str | None = "cpu") -> dict[str, Any]:
+             progress: bool = True, device: str | None = "cpu", threads: int | None = None) -> dict[str, Any]:
     """Compute the Fig. 2 curves on validation windows and write diagnose.json, diagnose.png, strip.png.
 
     episodes: use at most this many validation episodes; windows: number of (seeded) windows.
+    threads: torch CPU threads meanwhile (None = torch's setting; restored afterwards).
     Returns the JSON payload: per-tau curves (mean over windows) and the final-prediction references.
     """
+    from dapolicy.runtime import torch_threads
+
+    for name, value in (("episodes", episodes), ("windows", windows), ("threads", threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 (--{name}), got {value}")
+    with torch_threads(threads):
+        return _diagnose(run_dir, episodes, windows, out_dir, data_path, mode, flow_steps, batch_size,
+                         strip_windows, seed, policy, progress, device)
+
+
+def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: str | Path | None,
+              data_path: str | Path | None, mode: str | None, flow_steps: int | None, batch_size: int,
+              strip_windows: int, seed: int, policy: Any, progress: bool, device: str | None) -> dict[str, Any]:
+    """`diagnose` with its arguments checked and torch's threads set."""
     import torch
     from tqdm.auto import tqdm
 
@@ -368,22 +396,28 @@ def plot_strip(strip: dict[str, np.ndarray], taus: list[float], cameras: list[st
 
 # ----------------------------------------------------------------------------------------------- CLI
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from dapolicy import cli_options as opt
+
     parser.add_argument("run", help="run folder (with model/ and config.json) or a model folder (then --data)")
-    parser.add_argument("--episodes", type=int, default=None, help="use at most N validation episodes")
-    parser.add_argument("--windows", type=int, default=32, help="number of validation windows (default 32)")
-    parser.add_argument("--out", default=None, help="output folder (default RUN/diagnose)")
-    parser.add_argument("--data", default=None, help="episode store (default: the run's training data)")
+    parser.add_argument("--episodes", type=opt.positive_int, default=None, help="use at most N validation episodes")
+    parser.add_argument("--windows", type=opt.positive_int, default=32,
+                        help="number of validation windows (default 32)")
+    opt.add_out(parser, "output folder (default RUN/diagnose)")
+    parser.add_argument("--data", default=None,
+                        help="episode store (default: the run's training data, as recorded in RUN/config.json)")
     parser.add_argument("--mode", default=None,
                         help="generation mode (default: the model's; DAP: jacobi, gauss_seidel, predict_then_act, off)")
-    parser.add_argument("--flow-steps", type=int, default=None, help="flow steps K (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the window choice and the sampling noise")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (a GPU if visible)")
+    parser.add_argument("--flow-steps", type=opt.positive_int, default=None, help="flow steps K (default: the model's)")
+    opt.add_seed(parser, 0, "seed of the window choice and the sampling noise (default 0)")
+    opt.add_device(parser)
+    opt.add_threads(parser, opt.EVAL_THREADS, opt.EVAL_THREADS_HELP)
+    opt.add_quiet(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     result = diagnose(args.run, episodes=args.episodes, windows=args.windows, out_dir=args.out,
                       data_path=args.data, mode=args.mode, flow_steps=args.flow_steps, seed=args.seed,
-                      device=args.device)
+                      device=args.device, threads=args.threads, progress=not args.quiet)
     print(f"tau:                     {' '.join(f'{t:6.2f}' for t in result['tau'])}")
     for cam, curve in result.get("psnr_vs_real", {}).items():
         print(f"PSNR {cam[:12]:>12} vs real: {' '.join(f'{v:6.2f}' for v in curve)}")

@@ -50,20 +50,22 @@ def default_output_dir(path: str | Path, subdir: str) -> Path:
 
 def resolve_device(device: str | None) -> str:
     """'auto' (or None) -> 'cuda' when a GPU is visible, else 'cpu'; a CUDA device without a GPU is an error."""
-    import torch
+    from dapolicy.cli_options import resolve_device as resolve
 
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for but no CUDA device is available (use cpu or auto)")
-    return device
+    return resolve(device)
 
 
 def load_policy(path: str | Path, device: str | None = "cpu") -> Any:
-    """Load the saved policy of a run (or model folder), any method, in eval mode on `device`."""
-    from dapolicy.policies.registry import load_pretrained
+    """Load the saved policy of a run (or model folder), any method, in eval mode on `device`.
 
-    return load_pretrained(path, map_location=resolve_device(device)).eval()
+    A run folder whose later stages never trained is refused (`check_run_finished`): its model/ holds
+    untrained parts, and every command that loads a policy goes through here.
+    """
+    from dapolicy.policies.registry import check_run_finished, load_pretrained
+
+    map_location = resolve_device(device)
+    check_run_finished(path)
+    return load_pretrained(path, map_location=map_location).eval()
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,7 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
     """Evaluate the policy of `run_dir` (a run folder or a model folder) and write `<out_dir>/<name>.json`.
 
     threads: torch CPU threads while evaluating (None = torch's setting); restored afterwards.
+    progress: tqdm bars per suite.
 
     ood: none | light | distractor | novel_object | blind | all, a perturbation optionally with a strength
         ("light:0.8", result name "light@0.8"; docs/ood.md); blind = grey images, a control for whether the
@@ -294,17 +297,31 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
     policy: an already loaded policy (skips loading); env_factory: replaces `make_env` (tests).
     device: where a loaded policy runs ("cpu", "cuda", "auto").
     """
+    from dapolicy.runtime import torch_threads
+
     ood = normalize_ood(ood)
     env_factory = env_factory or make_env
     if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
+        raise ValueError(f"episodes must be >= 1 (--episodes), got {episodes}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 (--threads), got {threads}")
     out = Path(out_dir) if out_dir is not None else default_output_dir(run_dir, "eval")
-    if policy is None:
-        policy = load_policy(run_dir, device)
-    check_mode(policy, mode)
-    if ood == "all":
-        return _evaluate_all(run_dir, episodes, seed, env, videos, mode, flow_steps, max_steps, out, policy,
-                             env_factory, progress)
+    with torch_threads(threads):
+        if policy is None:
+            policy = load_policy(run_dir, device)
+        check_mode(policy, mode)
+        if ood == "all":
+            return _evaluate_all(run_dir, episodes, seed, env, videos, mode, flow_steps, max_steps, out, policy,
+                                 env_factory, progress)
+        return _evaluate_one(run_dir, episodes, ood, seed, env, videos, mode, flow_steps, max_steps, out, name,
+                             policy, env_factory, progress)
+
+
+def _evaluate_one(run_dir: str | Path, episodes: int, ood: str, seed: int, env: str | None, videos: int,
+                  mode: str | None, flow_steps: int | None, max_steps: int | None, out: Path, name: str | None,
+                  policy: Any, env_factory: EnvFactory, progress: bool, note_env: bool = True) -> dict[str, Any]:
+    """One suite of `evaluate` (its arguments checked, the policy loaded); note_env: say so when the env is
+    another task than the model's (once per command, not once per suite)."""
 
     from dapolicy.atomic import write_json_atomic
 
@@ -317,6 +334,9 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
                                               ood=ood_config.for_env()))
     try:
         _check_env(environment.spec, spec)
+        if environment.spec.name != spec.name and note_env:
+            _note(f"the model was trained on {spec.name!r}; evaluating it on {environment.spec.name!r}, which has "
+                  f"the same observation and action shapes")
         limit = max_steps if max_steps is not None else environment.spec.max_steps
         start = time.perf_counter()
         rollouts = run_episodes(
@@ -376,26 +396,37 @@ def _model_dir_or_none(path: str | Path) -> Path | None:
 
 
 def _check_env(env_spec: EnvSpec, model_spec: EnvSpec) -> None:
-    """Fail early when the env cannot feed this model (different action size, cameras or image size)."""
-    if env_spec.action_dim != model_spec.action_dim:
-        raise ValueError(f"env {env_spec.name!r} has action_dim {env_spec.action_dim}, the model expects "
-                         f"{model_spec.action_dim}")
+    """Fail early when the env cannot feed this model (different action or proprio size, cameras, image size)."""
+    trained = f"the model was trained on {model_spec.name!r}"
+    for what in ("action_dim", "proprio_dim"):
+        if getattr(env_spec, what) != getattr(model_spec, what):
+            raise ValueError(f"env {env_spec.name!r} has {what} {getattr(env_spec, what)}, the model expects "
+                             f"{getattr(model_spec, what)} ({trained}: evaluate it on that task, or pass a model "
+                             f"trained for {env_spec.name!r})")
     missing = set(model_spec.cameras) - set(env_spec.cameras)
     if missing:
-        raise ValueError(f"env {env_spec.name!r} lacks the model's cameras {sorted(missing)}")
+        raise ValueError(f"env {env_spec.name!r} lacks the model's cameras {sorted(missing)} ({trained})")
     if env_spec.image_size != model_spec.image_size:
-        raise ValueError(f"env renders {env_spec.image_size} px, the model expects {model_spec.image_size} px")
+        raise ValueError(f"env renders {env_spec.image_size} px, the model expects {model_spec.image_size} px "
+                         f"({trained})")
+
+
+def _note(message: str) -> None:
+    """A one-line note on stderr: worth knowing, not worth stopping for."""
+    import sys
+
+    print(f"[dap eval] note: {message}", file=sys.stderr)
 
 
 def _evaluate_all(run_dir: str | Path, episodes: int, seed: int, env: str | None, videos: int,
                   mode: str | None, flow_steps: int | None, max_steps: int | None, out: Path, policy: Any,
-                  env_factory: EnvFactory | None, progress: bool) -> dict[str, Any]:
+                  env_factory: EnvFactory, progress: bool) -> dict[str, Any]:
     """Every OOD suite on the same seeds, then a summary table (JSON and Markdown)."""
     from dapolicy.atomic import write_json_atomic
 
-    suites = {kind: evaluate(run_dir, episodes, kind, seed, env, videos, mode, flow_steps, max_steps, out,
-                             policy=policy, env_factory=env_factory, progress=progress)
-              for kind in OOD_SUITE}
+    suites = {kind: _evaluate_one(run_dir, episodes, kind, seed, env, videos, mode, flow_steps, max_steps, out,
+                                  None, policy, env_factory, progress, note_env=i == 0)
+              for i, kind in enumerate(OOD_SUITE)}
     rows = [{"ood": k, "success_rate": r["success_rate"], "ci95": r["ci95"], "mean_score": r["mean_score"],
              "n_episodes": r["n_episodes"], "latency_p50_ms": r["latency_ms"]["p50"]} for k, r in suites.items()]
     stem = "summary" + result_name("", mode, flow_steps)
@@ -416,29 +447,35 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------------------------- CLI
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from dapolicy import cli_options as opt
+
     parser.add_argument("run", help="run folder (with model/) or a saved model folder")
-    parser.add_argument("--episodes", type=int, default=50, help="seeded episodes per suite (default 50)")
+    parser.add_argument("--episodes", type=opt.positive_int, default=50, help="seeded episodes per suite (default 50)")
     parser.add_argument("--ood", default="none", type=_ood_argument,
                         help="none, light, distractor, novel-object, blind or all, a perturbation optionally with "
                              "a strength (light:0.8; docs/ood.md); 'all' runs none + the three perturbations and "
                              "writes a summary")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help=f"episode i uses env seed SEED+i (default {DEFAULT_SEED}, disjoint from training)")
+    opt.add_seed(parser, DEFAULT_SEED,
+                 f"episode i uses env seed SEED+i (default {DEFAULT_SEED}, disjoint from training)")
     parser.add_argument("--env", default=None, help="task name (default: the one the model was trained on)")
     parser.add_argument("--videos", type=int, default=3, help="write videos of the first K episodes (default 3)")
     parser.add_argument("--mode", default=None,
                         help="generation mode (default: the model's; DAP: jacobi, gauss_seidel, predict_then_act, off)")
-    parser.add_argument("--flow-steps", type=int, default=None, help="flow steps K (default: the model's)")
-    parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the task's)")
-    parser.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    parser.add_argument("--flow-steps", type=opt.positive_int, default=None, help="flow steps K (default: the model's)")
+    parser.add_argument("--max-steps", type=opt.positive_int, default=None,
+                        help="episode step limit (default: the task's)")
+    opt.add_out(parser, "output folder (default RUN/eval)")
     parser.add_argument("--name", default=None, help="result file name (default: suite [+ mode, steps])")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (a GPU if visible)")
+    opt.add_device(parser)
+    opt.add_threads(parser, opt.EVAL_THREADS, opt.EVAL_THREADS_HELP)
+    opt.add_quiet(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate(args.run, episodes=args.episodes, ood=args.ood, seed=args.seed, env=args.env,
                       videos=args.videos, mode=args.mode, flow_steps=args.flow_steps, max_steps=args.max_steps,
-                      out_dir=args.out, name=args.name, device=args.device)
+                      out_dir=args.out, name=args.name, device=args.device, threads=args.threads,
+                      progress=not args.quiet)
     out = Path(args.out) if args.out else default_output_dir(args.run, "eval")
     if "suites" in result:
         print(format_table(result["summary"]))

@@ -31,16 +31,17 @@ def parameter_table(methods: list[str], sizes: list[str], spec: EnvSpec) -> list
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    from dapolicy.cli_options import positive_int
     from dapolicy.policies.registry import SIZES, method_names
 
     p.add_argument("--method", default=None, choices=method_names(), help="one method (default: every method)")
     p.add_argument("--config", default=None, choices=SIZES, help="one size (default: every size)")
     p.add_argument("--fields", action="store_true",
                    help="list every config field of --method/--config (default dap/small) with its value")
-    p.add_argument("--image-size", type=int, default=64, help="image side of the task (default 64)")
-    p.add_argument("--cameras", type=int, default=2, help="number of cameras (default 2)")
-    p.add_argument("--action-dim", type=int, default=4, help="action dimension (default 4)")
-    p.add_argument("--proprio-dim", type=int, default=4, help="proprioception dimension (default 4)")
+    p.add_argument("--image-size", type=positive_int, default=64, help="image side of the task (default 64)")
+    p.add_argument("--cameras", type=positive_int, default=2, help="number of cameras (default 2)")
+    p.add_argument("--action-dim", type=positive_int, default=4, help="action dimension (default 4)")
+    p.add_argument("--proprio-dim", type=positive_int, default=4, help="proprioception dimension (default 4)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,12 +13,13 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dapolicy.atomic import write_json_atomic
+from dapolicy.atomic import read_json, write_json_atomic
 
 
 @dataclass
@@ -37,6 +38,7 @@ class QuickstartConfig:
     ood: the suites to evaluate.
     threads: torch threads (None = every core: the quickstart assumes the machine is otherwise idle; use 1 when
         other jobs load it, since torch's threads stall badly under CPU contention).
+    device: where training, evaluation and diagnosis run ("auto": a GPU if visible, else cpu).
     """
 
     env: str = "metaworld/drawer-open-v3"
@@ -51,6 +53,7 @@ class QuickstartConfig:
     ood: tuple[str, ...] = ("none", "light", "distractor", "novel_object")
     seed: int = 0
     threads: int | None = None
+    device: str = "auto"
     videos: int = 2
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -71,7 +74,7 @@ def _check_out_dir(out: Path, cfg: QuickstartConfig, overwrite: bool) -> None:
     if overwrite and out.exists():
         shutil.rmtree(out)
     if settings.is_file():
-        stored = json.loads(settings.read_text())
+        stored = read_json(settings, "pass --overwrite to start over, or choose another --out")
         changed = {k: (stored.get(k), v) for k, v in cfg.identity().items() if stored.get(k) != v}
         if changed:
             listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -81,6 +84,19 @@ def _check_out_dir(out: Path, cfg: QuickstartConfig, overwrite: bool) -> None:
         raise ValueError(f"{out} exists and is not a quickstart folder: choose another --out, or --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(settings, cfg.identity())
+
+
+def _check_steps(cfg: QuickstartConfig) -> None:
+    """A bad --steps fails now, not after the minutes of collecting that come before training."""
+    import torch
+
+    from dapolicy.info import default_spec
+    from dapolicy.policies.registry import make_policy
+    from dapolicy.training.config import parse_steps
+
+    with torch.device("meta"):  # the stage names only: no weights are allocated
+        stages = make_policy(cfg.method, default_spec(cfg.image_size), size=cfg.config).stage_names
+    parse_steps(cfg.steps, stages)
 
 
 def _peak_memory_mb() -> float:
@@ -95,6 +111,7 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig | None = None, progres
     Rerunning continues a stopped quickstart; a folder made with other settings is refused (or, with
     `overwrite`, deleted first).
     """
+    from dapolicy.cli_options import resolve_device
     from dapolicy.collect import collect
     from dapolicy.diagnose import diagnose
     from dapolicy.envs.base import make_env
@@ -104,10 +121,12 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig | None = None, progres
 
     cfg = cfg or QuickstartConfig()
     get_method(cfg.method)  # every setting is checked before minutes of collecting
+    resolve_device(cfg.device)
     if cfg.config not in SIZES:
         raise ValueError(f"--config must be one of {', '.join(SIZES)}, got {cfg.config!r}")
     if cfg.eval_episodes < 1 or cfg.expert_episodes < 1:
         raise ValueError("--eval-episodes and --expert-episodes must be >= 1")
+    _check_steps(cfg)
     make_env(cfg.env, image_size=cfg.image_size).close()
     threads = cfg.threads or os.cpu_count() or 1
     out = Path(out)
@@ -133,13 +152,14 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig | None = None, progres
 
     resume = (run_dir / "checkpoints").exists() or (run_dir / "model").exists()
     phase("train", train, data_dir, run_dir, method=cfg.method, config=cfg.config, steps=cfg.steps,
-          seed=cfg.seed, resume=resume, batch_size=cfg.batch_size, threads=threads, progress=progress)
+          seed=cfg.seed, resume=resume, batch_size=cfg.batch_size, threads=threads, progress=progress,
+          device=cfg.device)
 
     results = {}
     for kind in cfg.ood:
         results[kind] = phase(f"eval {kind}", evaluate, run_dir, episodes=cfg.eval_episodes, ood=kind,
-                              videos=cfg.videos, progress=progress, threads=threads)
-    diag = phase("diagnose", diagnose, run_dir, windows=32, progress=progress)
+                              videos=cfg.videos, progress=progress, threads=threads, device=cfg.device)
+    diag = phase("diagnose", diagnose, run_dir, windows=32, progress=progress, device=cfg.device)
 
     summary = {
         "config": asdict(cfg),
@@ -206,31 +226,39 @@ def render_report(out: Path, summary: dict[str, Any], results: dict[str, Any], d
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    from dapolicy.cli_options import add_device, add_out, add_quiet, add_seed, add_threads, positive_int
     from dapolicy.policies.registry import SIZES, method_names
 
     d = QuickstartConfig()
-    p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    add_out(p, "output folder (default runs/quickstart)", default="runs/quickstart")
     p.add_argument("--env", default=d.env, help=f"task (default {d.env})")
-    p.add_argument("--expert-episodes", type=int, default=d.expert_episodes,
+    p.add_argument("--expert-episodes", type=positive_int, default=d.expert_episodes,
                    help=f"scripted-expert demonstrations (default {d.expert_episodes})")
     p.add_argument("--random-episodes", type=int, default=d.random_episodes,
                    help=f"random + noisy-expert episodes for the dynamics model (default {d.random_episodes})")
     p.add_argument("--config", default=d.config, choices=SIZES, help="model size (default small)")
     p.add_argument("--method", default=d.method, choices=method_names(), help="method (default dap)")
     p.add_argument("--steps", default=d.steps, help=f"optimizer steps per stage (default {d.steps})")
-    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes,
+    p.add_argument("--eval-episodes", type=positive_int, default=d.eval_episodes,
                    help=f"test episodes per evaluation suite (default {d.eval_episodes})")
-    p.add_argument("--image-size", type=int, default=d.image_size, help=f"camera image side (default {d.image_size})")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=d.seed, help="collection and training seed (default 0)")
+    p.add_argument("--image-size", type=positive_int, default=d.image_size,
+                   help=f"camera image side (default {d.image_size})")
+    add_threads(p, None, "all cores: the quickstart assumes an idle machine; use 1 when other jobs load it")
+    add_device(p, "training, evaluation and diagnosis run")
+    add_seed(p, d.seed, f"collection and training seed (default {d.seed})")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out folder and start over")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = QuickstartConfig(env=args.env, expert_episodes=args.expert_episodes,
                            random_episodes=args.random_episodes, config=args.config, method=args.method,
                            steps=args.steps, eval_episodes=args.eval_episodes, image_size=args.image_size,
-                           threads=args.threads, seed=args.seed)
-    run_quickstart(args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
+                           threads=args.threads, seed=args.seed, device=args.device)
+    try:
+        run_quickstart(args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"\ndap quickstart: interrupted; finished phases are kept in {args.out}: continue with the same "
+              f"command (dap quickstart --out {args.out} ...)", file=sys.stderr)
+        return 130
     return 0

@@ -9,7 +9,6 @@ what an evaluation episode with that seed starts from.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -99,13 +98,16 @@ def render_ood(env_name: str, out: str | Path, n_seeds: int = 4, image_size: int
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    from dapolicy.cli_options import add_out, add_seed, positive_int
+
     p.add_argument("env", help='task: "pusht" or "metaworld/<task-v3>"')
-    p.add_argument("--out", required=True, help="output PNG file")
-    p.add_argument("--seeds", type=int, default=4, help="number of seeds (columns per camera, default 4)")
-    p.add_argument("--seed-start", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    add_out(p, "output PNG file", required=True)
+    p.add_argument("--seeds", type=positive_int, default=4, help="number of seeds (columns per camera, default 4)")
+    add_seed(p, 0, "first seed (default 0; --seed-start: the older spelling)", "--seed-start")
+    p.add_argument("--image-size", type=positive_int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--cameras", default=None, help="comma-separated camera names (default: the env's)")
-    p.add_argument("--scale", type=int, default=None, help="integer upscaling of each cell (default: to ~128 px)")
+    p.add_argument("--scale", type=positive_int, default=None,
+                   help="integer upscaling of each cell (default: to ~128 px)")
     p.add_argument("--steps", type=int, default=0, help="expert steps before the frame is taken (default 0)")
     p.add_argument("--ood", default=",".join(ROWS),
                    help="comma-separated rows, each kind[:strength], e.g. light:0,light:1,light:2 or blind "
@@ -113,20 +115,17 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.seeds < 1:
-        print("dap render-ood: error: --seeds must be >= 1", file=sys.stderr)
-        return 2
-    cameras = tuple(c for c in args.cameras.split(",") if c) if args.cameras else None
+    if args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    cameras = tuple(c.strip() for c in args.cameras.split(",") if c.strip()) if args.cameras else None
     kinds = [k.strip() for k in args.ood.split(",") if k.strip()]
     if not kinds:
-        print("dap render-ood: error: --ood names no rows", file=sys.stderr)
-        return 2
+        raise ValueError("--ood names no rows (write e.g. none,light,distractor)")
     try:
         kinds = [OODConfig.parse(k).spec for k in kinds]
     except ValueError as err:
-        print(f"dap render-ood: error: --ood: {err}", file=sys.stderr)
-        return 2
-    path = render_ood(args.env, args.out, args.seeds, args.image_size, args.seed_start, cameras, args.scale,
+        raise ValueError(f"--ood: {err}") from None
+    path = render_ood(args.env, args.out, args.seeds, args.image_size, args.seed, cameras, args.scale,
                       args.steps, kinds)
     print(f"wrote {path}")
     return 0

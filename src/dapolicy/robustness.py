@@ -64,14 +64,17 @@ def run_label(run: str | Path, method: str) -> str:
 def robustness(runs: Sequence[str | Path], kind: str, strengths: Sequence[float], episodes: int,
                out: str | Path, seed: int | None = None, env: str | None = None, max_steps: int | None = None,
                device: str | None = "cpu", policies: Sequence[Any] | None = None, env_factory: Any = None,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, threads: int | None = None) -> dict[str, Any]:
     """Evaluate every run at every strength of `kind`, then write `out` (PNG) and `out` with .json.
 
     policies: already loaded policies, one per run (tests); env_factory: replaces `make_env` (tests).
+    threads: torch CPU threads meanwhile (None = torch's setting; restored afterwards).
     Returns the JSON's content: per run, one point per strength (success, Wilson 95% interval, score).
     """
     from dapolicy.atomic import write_json_atomic
     from dapolicy.evaluate import DEFAULT_SEED, evaluate, load_policy
+    from dapolicy.policies.registry import check_run_finished, resolve_model_dir
+    from dapolicy.runtime import torch_threads
 
     kind = perturbation_kind(kind)
     strengths = sorted({float(s) for s in strengths})  # a curve: increasing, each strength once
@@ -86,19 +89,24 @@ def robustness(runs: Sequence[str | Path], kind: str, strengths: Sequence[float]
     seed = DEFAULT_SEED if seed is None else int(seed)
     out = Path(out)
     curves = []
-    for i, run in enumerate(runs):
-        policy = policies[i] if policies is not None else load_policy(run, device)
-        points = []
-        for s in strengths:
-            ood = f"{kind}:{s:g}"
-            result = evaluate(run, episodes=episodes, ood=ood, seed=seed, env=env, videos=0, max_steps=max_steps,
-                              name=f"{kind}@{s:g}", policy=policy, env_factory=env_factory, progress=progress,
-                              device=device)
-            points.append({"strength": s, "n_success": result["n_success"], "n_episodes": result["n_episodes"],
-                           "success_rate": result["success_rate"], "ci95": result["ci95"],
-                           "mean_score": result["mean_score"]})
-        curves.append({"run": str(run), "label": run_label(run, policy.method), "method": policy.method,
-                       "env": result["env"], "points": points})
+    with torch_threads(threads):
+        if policies is None:  # a missing or unfinished run fails before minutes of rollouts of the others
+            for run in runs:
+                resolve_model_dir(run)
+                check_run_finished(run)
+        for i, run in enumerate(runs):
+            policy = policies[i] if policies is not None else load_policy(run, device)
+            points = []
+            for s in strengths:
+                ood = f"{kind}:{s:g}"
+                result = evaluate(run, episodes=episodes, ood=ood, seed=seed, env=env, videos=0,
+                                  max_steps=max_steps, name=f"{kind}@{s:g}", policy=policy, env_factory=env_factory,
+                                  progress=progress, device=device)
+                points.append({"strength": s, "n_success": result["n_success"], "n_episodes": result["n_episodes"],
+                               "success_rate": result["success_rate"], "ci95": result["ci95"],
+                               "mean_score": result["mean_score"]})
+            curves.append({"run": str(run), "label": run_label(run, policy.method), "method": policy.method,
+                           "env": result["env"], "points": points})
     report = {"ood": kind, "strengths": strengths, "episodes": episodes, "seed": seed,
               "episode_seeds": [seed, seed + episodes - 1], "runs": curves}
     plot_curves(report, out)
@@ -144,16 +152,21 @@ def plot_curves(report: dict[str, Any], path: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------- CLI
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from dapolicy import cli_options as opt
+
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (with model/) or model folders")
     parser.add_argument("--ood", required=True, help=f"the perturbation to sweep: {', '.join(OOD_KINDS)}")
     parser.add_argument("--strengths", default=",".join(f"{s:g}" for s in DEFAULT_STRENGTHS),
                         help="comma-separated strengths (default 0,0.5,1,1.5,2; 0 = in distribution)")
-    parser.add_argument("--episodes", type=int, default=50, help="seeded episodes per point (default 50)")
-    parser.add_argument("--seed", type=int, default=None, help="episode i uses env seed SEED+i (default: eval's)")
+    parser.add_argument("--episodes", type=opt.positive_int, default=50, help="seeded episodes per point (default 50)")
+    opt.add_seed(parser, None, "episode i uses env seed SEED+i (default: eval's, 100000)")
     parser.add_argument("--env", default=None, help="task name (default: the one each model was trained on)")
-    parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the task's)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (a GPU if visible)")
-    parser.add_argument("--out", required=True, help="output PNG (a JSON with the numbers goes next to it)")
+    parser.add_argument("--max-steps", type=opt.positive_int, default=None,
+                        help="episode step limit (default: the task's)")
+    opt.add_device(parser)
+    opt.add_threads(parser, opt.EVAL_THREADS, opt.EVAL_THREADS_HELP)
+    opt.add_quiet(parser)
+    opt.add_out(parser, "output PNG (a JSON with the numbers goes next to it)", required=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dap robustness: error: {err}", file=sys.stderr)
         return 2
     report = robustness(args.runs, kind, strengths, args.episodes, args.out, seed=args.seed, env=args.env,
-                        max_steps=args.max_steps, device=args.device)
+                        max_steps=args.max_steps, device=args.device, progress=not args.quiet, threads=args.threads)
     for curve in report["runs"]:
         cells = "  ".join(f"{p['strength']:g}: {p['success_rate']:.0%}" for p in curve["points"])
         print(f"{curve['label']}: {cells}")

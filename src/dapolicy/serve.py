@@ -586,32 +586,35 @@ def format_check(result: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------- CLI
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from dapolicy import cli_options as opt
+
     parser.add_argument("run", help="run folder (with model/) or a saved model folder (any method)")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default 127.0.0.1, loopback only; there is no authentication: "
                              "bind beyond loopback only on a trusted network)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (a GPU if visible)")
+    opt.add_device(parser)
     parser.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_MB,
                         help=f"largest accepted message; bigger ones close that connection (default "
                              f"{DEFAULT_MAX_MESSAGE_MB:g})")
-    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+    parser.add_argument("--max-batch", type=opt.positive_int, default=DEFAULT_MAX_BATCH,
                         help=f"largest batch an 'infer' request may carry (default {DEFAULT_MAX_BATCH})")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    opt.add_threads(parser, opt.EVAL_THREADS, opt.EVAL_THREADS_HELP)
     parser.add_argument("--verbose", action="store_true", help="log every connection")
     check_group = parser.add_argument_group("end-to-end check (no robot needed)")
     check_group.add_argument("--check", nargs="?", const="", default=None, metavar="ENV",
                              help="serve on a free loopback port and drive a simulated robot through the client "
                                   "(ENV default: the task the model was trained on)")
-    check_group.add_argument("--episodes", type=int, default=3, help="--check: seeded episodes (default 3)")
-    check_group.add_argument("--seed", type=int, default=100_000, help="--check: episode i uses seed SEED+i")
-    check_group.add_argument("--max-steps", type=int, default=None, help="--check: episode step limit")
+    check_group.add_argument("--episodes", type=opt.positive_int, default=3,
+                             help="--check: seeded episodes (default 3)")
+    opt.add_seed(check_group, 100_000, "--check: episode i uses env seed SEED+i (default 100000)")
+    check_group.add_argument("--max-steps", type=opt.positive_int, default=None, help="--check: episode step limit")
     check_group.add_argument("--ahead", type=int, default=0,
                              help="--check: request the next chunk when this many actions are left (default 0)")
     check_group.add_argument("--hz", type=float, default=None, help="--check: control rate (default: unpaced)")
     check_group.add_argument("--server-loop", action="store_true",
                              help="--check: server-side receding horizon ('act') instead of the client broker")
-    check_group.add_argument("--out", default=None, help="--check: also write the result as JSON here")
+    opt.add_out(check_group, "--check: also write the result as JSON here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -620,10 +623,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:  # a failed handshake (a port scanner, a browser) is not worth a traceback
         logging.getLogger("dapolicy.serve.ws").addFilter(
             lambda record: not str(record.msg).startswith("opening handshake failed"))
-    if args.threads:
-        import torch
+    from dapolicy.runtime import torch_threads
 
-        torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """`run` with torch's threads set: the check, or the server until it is stopped."""
     if args.check is not None:
         result = check(args.run, env=args.check or None, episodes=args.episodes, seed=args.seed,
                        max_steps=args.max_steps, ahead=args.ahead, hz=args.hz, server_loop=args.server_loop,

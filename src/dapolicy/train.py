@@ -1,7 +1,7 @@
 """`dap train`: train any registered method's stages (for DAP: VAE, dynamics model, policy) into a run folder.
 
     dap train --data runs/data --out runs/dap --config small
-    dap train --data runs/data --out runs/dap --resume                  # continue a killed run, bit-exact
+    dap train --out runs/dap --resume                                   # continue a killed run, bit-exact
     dap train --data runs/data --out runs/dap --stage policy --steps 3000   # retrain one stage
     dap train --data runs/data --out runs/fm --method fm --steps vae=900,policy=2200
     dap train --data runs/data --out runs/gt --init-from runs/dap --stage policy --set next_obs_mix.ground_truth=1 \
@@ -54,15 +54,12 @@ def _parse_stages(stage: str | Sequence[str] | None, known: tuple[str, ...]) -> 
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a device (auto, cpu, cuda or cuda:N): {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
-    return device
+    """auto / cpu / cuda / cuda:N -> a torch device; the one rule of every command (`cli_options`)."""
+    from dapolicy.cli_options import resolve_device
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    return torch.device(resolve_device(device))
 
 
 def _clear_run(run: RunDir) -> None:
@@ -82,7 +79,7 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
           progress: bool | None = None, use_best: bool | None = None, amp: bool | None = None,
           stop_after: int | None = None, overwrite: bool = False, train_config: TrainConfig | None = None,
           policy_factory: Callable[[Any], Any] | None = None, grad_accum: int | None = None,
-          compile: bool | None = None, lean_data: bool | None = None) -> Path:
+          compile: bool | None = None, lean_data: bool | None = None, wandb_project: str | None = None) -> Path:
     """Train a policy on the episode store in `data_dir`; returns the run folder `out_dir`.
 
     method, config: a registered method ("dap", "fm", ...; `dap info` lists them) and a named size ("tiny",
@@ -106,10 +103,15 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
         count becomes processes x grad_accum and is stored with the run. amp: bfloat16 autocast on CUDA.
         compile: `torch.compile` the loss. lean_data: memory-mapped images (`EpisodeStore.load(lazy=True)`).
         amp, compile and lean_data are stored with the run too (None keeps the stored value).
+    logger: "none", "tensorboard" or "wandb" (None keeps the stored one); its package must be installed, checked
+        before anything is written. wandb_project: the wandb project (default $WANDB_PROJECT, else "dapolicy").
     Under torchrun (WORLD_SIZE > 1) the call joins the process group (gloo on CPU, NCCL on CUDA, each process on
     cuda:LOCAL_RANK) unless the caller already did, and leaves it at the end if it joined it.
     Raises TrainingDiverged (loss became NaN/inf), RunFolderError, StoreError, ValueError.
     """
+    from dapolicy.training.metrics import check_logger
+
+    check_logger(logger)  # before anything is stored: a retry without --logger must find a clean folder
     env = distributed.env_from_os()
     dev = distributed.device_for(env, _resolve_device(device))
     created = distributed.init(env, dev)
@@ -119,7 +121,7 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
                       threads=threads, logger=logger, progress=progress, use_best=use_best, amp=amp,
                       stop_after=stop_after, overwrite=overwrite, train_config=train_config,
                       policy_factory=policy_factory, grad_accum=grad_accum, compile=compile, lean_data=lean_data,
-                      env=distributed.current())
+                      wandb_project=wandb_project, env=distributed.current())
     finally:
         distributed.shutdown(created)
 
@@ -130,11 +132,12 @@ def _train(data_dir: str | Path, out_dir: str | Path, method: str | None, config
            threads: int | None, logger: str | None, progress: bool | None, use_best: bool | None,
            amp: bool | None, stop_after: int | None, overwrite: bool, train_config: TrainConfig | None,
            policy_factory: Callable[[Any], Any] | None, grad_accum: int | None, compile: bool | None,
-           lean_data: bool | None, env: DistEnv) -> Path:
+           lean_data: bool | None, wandb_project: str | None, env: DistEnv) -> Path:
     """`train` in one process of the job (all of it in a single process); see `train`."""
     from dapolicy.data.store import EpisodeStore
     from dapolicy.policies.registry import SIZES, get_method
     from dapolicy.training.checkpoint import seed_everything
+    from dapolicy.training.metrics import check_logger
 
     if grad_accum is not None and grad_accum < 1:
         raise ValueError(f"--grad-accum must be >= 1, got {grad_accum}")
@@ -162,7 +165,12 @@ def _train(data_dir: str | Path, out_dir: str | Path, method: str | None, config
                                 else TrainConfig.preset(config))
         cfg = _apply_overrides(base, stages or names, names, steps=steps, batch_size=batch_size, lr=lr,
                                threads=threads, logger=logger, progress=progress, use_best=use_best, amp=amp,
-                               compile=compile, lean_data=lean_data)
+                               compile=compile, lean_data=lean_data, wandb_project=wandb_project)
+        if logger is None and cfg.logger != "none":  # a stored run's logger, whose package may have gone since
+            try:
+                check_logger(cfg.logger)
+            except ValueError as err:
+                raise ValueError(f"{run.root} was trained with --logger {cfg.logger}: {err}") from None
         cfg = _resolve_micro_batches(cfg, grad_accum, env, stored is not None and resume)
         cfg = distributed.broadcast_object(cfg)  # rank 0's resolution (e.g. of auto threads) holds for all
         data_path = Path(data_dir).resolve()
@@ -272,9 +280,13 @@ def _apply_overrides(cfg: TrainConfig, chosen: Sequence[str], known: tuple[str, 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="episode store (a `dap collect` output folder)")
-    parser.add_argument("--out", required=True, help="run folder (config, metrics, plots, checkpoints, model)")
+    from dapolicy.cli_options import add_device, add_out, add_quiet, add_seed, add_threads, positive_int
     from dapolicy.policies.registry import SIZES, method_names
+
+    parser.add_argument("--data", default=None,
+                        help="episode store (a `dap collect` output folder); required for a new run, a --resume "
+                             "uses the one stored in OUT/config.json")
+    add_out(parser, "run folder (config, metrics, plots, checkpoints, model)", required=True)
 
     parser.add_argument("--method", choices=method_names(), default=None,
                         help="method (default: dap, or the stored one of an existing run); `dap info` lists them")
@@ -292,58 +304,79 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "stage alone loads the earlier ones from OUT/model")
     parser.add_argument("--steps", default=None,
                         help="optimizer steps: N for every selected stage, or vae=900,dynamics=1500,policy=2200")
-    parser.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    add_seed(parser, None, "run seed (default 0, or the stored one of a resumed run)")
     parser.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run")
     parser.add_argument("--batch-size", default=None,
                         help="N for every selected stage, or vae=32,policy=64 (default 64; VAE 32 frames; tiny 8); "
                              "the global batch of a step, shared by all processes")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the selected stages")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: the cores the load average leaves free; stored with "
-                             "the run so --resume uses the same count)")
+    add_device(parser, "training runs")
+    add_threads(parser, None, "the cores the load average leaves free; stored with the run so --resume uses the "
+                              "same count")
     parser.add_argument("--logger", choices=("none", "tensorboard", "wandb"), default=None,
-                        help="extra metrics sink besides metrics.jsonl (must be installed)")
-    parser.add_argument("--use-best", action="store_true", default=None,
-                        help="save the best-validation EMA weights instead of the last ones")
+                        help="extra metrics sink besides metrics.jsonl (its package must be installed; stored with "
+                             "the run, --logger none turns it off)")
+    parser.add_argument("--wandb-project", default=None, metavar="NAME",
+                        help="wandb project of --logger wandb (default: $WANDB_PROJECT, else dapolicy)")
+    parser.add_argument("--use-best", action=argparse.BooleanOptionalAction, default=None,
+                        help="save the best-validation EMA weights instead of the last ones (stored with the run; "
+                             "--no-use-best turns it off)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bfloat16 autocast on CUDA (stored with the run; --no-amp turns it off)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the training loss (stored with the run; --no-compile turns it off)")
-    parser.add_argument("--grad-accum", type=int, default=None, metavar="K",
+    parser.add_argument("--grad-accum", type=positive_int, default=None, metavar="K",
                         help="micro-batches per process and step (the global --batch-size is cut into processes x "
                              "K pieces; default 1, or the stored split of a resumed run)")
     parser.add_argument("--lean-data", action=argparse.BooleanOptionalAction, default=None,
                         help="memory-mapped images instead of loading them into RAM (for stores larger than "
                              "memory; shared by the processes of a machine; stored with the run)")
-    parser.add_argument("--stop-after", type=int, default=None,
+    parser.add_argument("--stop-after", type=positive_int, default=None,
                         help="stop cleanly after N optimizer steps in this call (continue with --resume)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                        help="no progress bars")
+    add_quiet(parser, "--no-progress")
+
+
+def stored_data_path(out: str | Path) -> str:
+    """The episode store a run in `out` was trained on (what `dap train --out RUN --resume` continues with)."""
+    run = RunDir(Path(out))
+    stored = run.read_config()
+    if stored is None:
+        raise ValueError(f"--data is required: {out} holds no run to resume (no {run.config.name}); pass --data to "
+                         f"start a new one")
+    data = stored.get("data")
+    if not isinstance(data, str):
+        raise ValueError(f"{run.config} records no training data: pass --data")
+    if not Path(data).exists():
+        raise FileNotFoundError(f"the training data of {out} is not at {data} any more (the path in {run.config}): "
+                                f"pass its new location with --data")
+    return data
 
 
 def run(args: argparse.Namespace) -> int:
     from dapolicy.data.store import StoreError
 
     try:
-        out = train(args.data, args.out, method=args.method, config=args.config, stage=args.stage,
+        if args.data is None and not args.resume:
+            raise ValueError("--data is required for a new run (a --resume reads it from OUT/config.json)")
+        data = args.data if args.data is not None else stored_data_path(args.out)
+        progress = False if args.quiet else None  # None keeps the run's stored setting
+        out = train(data, args.out, method=args.method, config=args.config, stage=args.stage,
                     overrides=args.overrides, config_file=args.config_file, init_from=args.init_from,
                     steps=args.steps, seed=args.seed, resume=args.resume, batch_size=args.batch_size,
                     lr=args.lr, device=args.device, threads=args.threads, logger=args.logger,
-                    progress=args.progress, use_best=args.use_best, amp=args.amp, stop_after=args.stop_after,
+                    progress=progress, use_best=args.use_best, amp=args.amp, stop_after=args.stop_after,
                     overwrite=args.overwrite, grad_accum=args.grad_accum, compile=args.compile,
-                    lean_data=args.lean_data)
+                    lean_data=args.lean_data, wandb_project=args.wandb_project)
     except TrainingDiverged as e:
         print(f"dap train: error{_rank_tag()}: {e}", file=sys.stderr)
         return 1
     except (RunFolderError, StoreError, ValueError, FileNotFoundError) as e:
-        print(f"dap train: error{_rank_tag()}: {e}", file=sys.stderr)
+        print(f"dap train: error{_rank_tag()}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if distributed.is_main():
-            print(f"\ndap train: interrupted; continue with: dap train --data {args.data} --out {args.out} "
-                  f"--resume", file=sys.stderr)
+            print(f"\ndap train: interrupted; continue with: dap train --out {args.out} --resume", file=sys.stderr)
         return 130
     if distributed.is_main():
         print(f"run folder: {out}  (model: {out / 'model'})")

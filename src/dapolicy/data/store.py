@@ -245,7 +245,7 @@ class EpisodeStore:
         """
         path = resolve_store_path(path)
         if not path.is_dir():
-            raise StoreError(f"no episode store at {path}")
+            raise StoreError(f"no episode store at {path} (expected a `dap collect` or `dap import` output folder)")
         index = _read_index(path)
         store = cls(path, index)
         if spec is not None and _to_json(spec.to_dict()) != index["spec"]:

@@ -61,6 +61,9 @@ def make_env(name: str, image_size: int = 64, cameras: tuple[str, ...] | None = 
     ood: an out-of-distribution perturbation drawn per episode from the reset seed (None = in distribution).
     """
     if name == "pusht":
+        unknown = sorted(set(cameras or ()) - {"top"})
+        if unknown:  # PushT renders one view; asking for another must not silently give it
+            raise ValueError(f"unknown camera(s) {unknown} for pusht; available: top")
         from dapolicy.envs.pusht import PushTEnv
 
         return PushTEnv(image_size=image_size, ood=ood, **kwargs)
@@ -69,4 +72,4 @@ def make_env(name: str, image_size: int = 64, cameras: tuple[str, ...] | None = 
 
         return MetaWorldEnv(task=name.split("/", 1)[1], image_size=image_size, cameras=cameras, ood=ood,
                             **kwargs)
-    raise ValueError(f"unknown env {name!r}: expected 'pusht' or 'metaworld/<task-v3>'")
+    raise ValueError(f"unknown env {name!r}: expected 'pusht' or 'metaworld/<task-v3>' (e.g. metaworld/push-v3)")

@@ -90,9 +90,45 @@ def resolve_model_dir(path: str | Path) -> Path:
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist: give a run folder made by `dap train --out` (or its "
+                                f"{MODEL_SUBDIR}/ folder)")
+    if (path / "config.json").is_file() and ((path / "state.json").is_file() or (path / "checkpoints").is_dir()):
+        raise FileNotFoundError(f"{path} is a run folder without a saved model: no stage has finished training; "
+                                f"continue it with: dap train --out {path} --resume")
     raise FileNotFoundError(f"{path} holds no saved model (expected {path / MODEL_SUBDIR}/config.json, or a "
                             "model folder with config.json and model.safetensors)")
+
+
+class UnfinishedRunError(ValueError):
+    """A run folder whose later training stages never finished (a stopped or crashed `dap train`)."""
+
+
+def check_run_finished(path: str | Path) -> None:
+    """Refuse a run folder whose run has not trained every stage yet (one check for eval, diagnose, bench, serve).
+
+    Its model/ is saved after every stage, so a stopped run still loads, but e.g. a DAP run stopped after
+    the VAE holds a policy that never trained: evaluating, diagnosing or serving it reports noise as results.
+    A model folder (RUN/model, or a copied one) is not checked: it is what a user passes to use it as it is.
+    """
+    from dapolicy.atomic import read_json
+
+    run = Path(path)
+    config_file, state_file = run / "config.json", run / "state.json"
+    if not (run / MODEL_SUBDIR).is_dir() or not config_file.is_file():
+        return  # a bare model folder: nothing says which stages it should have
+    fix = f"pass the model folder {run / MODEL_SUBDIR} to use it as it is"
+    config = read_json(config_file, fix)
+    stages = config.get("stages") if isinstance(config, dict) else None
+    if not isinstance(stages, list):
+        return  # not a `dap train` run (or an older one): nothing to check against
+    state = read_json(state_file, fix) if state_file.is_file() else {}
+    done = set(state.get("stages_done", []) if isinstance(state, dict) else [])
+    missing = [s for s in stages if s not in done]
+    if missing:
+        finished = [s for s in stages if s in done]
+        raise UnfinishedRunError(
+            f"{run} is an unfinished training run: stage(s) {', '.join(missing)} never finished (finished: "
+            f"{', '.join(finished) or 'none'}); continue it with: dap train --out {run} --resume")
 
 
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

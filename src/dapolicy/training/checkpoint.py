@@ -30,8 +30,23 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    # weights_only=False: the checkpoint holds numpy RNG state and plain Python objects we wrote ourselves.
-    return torch.load(Path(path), map_location=map_location, weights_only=False)
+    """A checkpoint written by `save_checkpoint`; an unreadable one is a `CorruptFileError` naming the file and
+    the two ways out (torch's own errors - unpickling, zip, EOF - do not say which file or what to do)."""
+    from dapolicy.atomic import CorruptFileError
+
+    path = Path(path)
+    try:
+        # weights_only=False: the checkpoint holds numpy RNG state and plain Python objects we wrote ourselves.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as err:  # torch.load raises many types for a damaged file
+        reason = " ".join(str(err).split()).split(". ")[0][:160] or type(err).__name__  # its first sentence
+        raise CorruptFileError(f"{path} is corrupt or truncated ({reason}): delete it (a --resume then trains its "
+                               f"stage again from the start), or pass --overwrite to start the run over") from err
+    if not isinstance(state, dict):
+        raise CorruptFileError(f"{path} is not a dap training checkpoint: delete it, or pass --overwrite")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -52,6 +52,7 @@ class TrainConfig:
         through the page cache. Batches are the same bytes either way.
     latent_batch: frames per `encode_latents` call when the latent cache is built.
     logger: "none", "tensorboard" or "wandb" (extra sinks besides metrics.jsonl; must be installed).
+    wandb_project: the wandb project of the run (None: $WANDB_PROJECT, else "dapolicy").
     progress: show a tqdm bar per stage.
     """
 
@@ -80,6 +81,7 @@ class TrainConfig:
     lean_data: bool = False
     latent_batch: int = 256
     logger: str = "none"
+    wandb_project: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:

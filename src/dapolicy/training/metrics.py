@@ -7,10 +7,18 @@ Record kinds ("kind" field): "train" (scalars averaged over the log interval, lr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+#: The package each optional logger needs (`--logger NAME`).
+LOGGER_PACKAGES: dict[str, str] = {"tensorboard": "tensorboard", "wandb": "wandb"}
+#: The wandb project when neither `--wandb-project` nor this environment variable names one.
+WANDB_PROJECT_ENV = "WANDB_PROJECT"
+DEFAULT_WANDB_PROJECT = "dapolicy"
 
 
 def _jsonable(value: Any) -> Any:
@@ -19,20 +27,43 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def check_logger(logger: str | None) -> None:
+    """Fail before a run writes anything when `logger`'s package is missing, naming the fix (a stored run keeps
+    its logger, so a failure after the run folder is written would repeat on every retry)."""
+    if logger in (None, "none"):
+        return
+    if logger not in LOGGER_PACKAGES:
+        raise ValueError(f"unknown logger {logger!r}: expected none, tensorboard or wandb")
+    package = LOGGER_PACKAGES[logger]
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"--logger {logger} needs the {package!r} package, which is not installed: pip install "
+                         f"{package}, or pass --logger none (metrics.jsonl and the loss plots are always written)")
+
+
 class MetricsLog:
-    """Appends records to RUN/metrics.jsonl and forwards scalars to an optional logger."""
+    """Appends records to RUN/metrics.jsonl and forwards scalars to an optional logger.
+
+    `close(failed)` ends the optional logger's run (wandb marks it finished or failed); call it at the end of
+    training, also on an error, or wandb keeps the run "running" for ever.
+    """
 
     def __init__(self, path: Path, logger: str = "none", run_dir: Path | None = None,
-                 run_config: dict[str, Any] | None = None) -> None:
+                 run_config: dict[str, Any] | None = None, wandb_project: str | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._sink = _make_sink(logger, run_dir or self.path.parent, run_config or {})
+        self._sink, self._close = _make_sink(logger, run_dir or self.path.parent, run_config or {}, wandb_project)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
         if self._sink is not None:
             self._sink(record)
+
+    def close(self, failed: bool = False) -> None:
+        """End the optional logger's run (idempotent)."""
+        close, self._sink, self._close = self._close, None, None
+        if close is not None:
+            close(failed)
 
     def records(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)
@@ -65,6 +96,9 @@ class NullLog:
         return []
 
     def truncate_after(self, stage_order: tuple[str, ...], stage: str, step: int) -> None:
+        pass
+
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -119,16 +153,22 @@ def plot_losses(records: list[dict[str, Any]], stage: str, out_path: Path) -> No
     plt.close(fig)
 
 
-def _make_sink(logger: str, run_dir: Path, run_config: dict[str, Any]):
-    """An optional extra destination for scalars; the package is imported only when asked for."""
+Sink = Callable[[dict[str, Any]], None]
+Closer = Callable[[bool], None]
+
+
+def _make_sink(logger: str, run_dir: Path, run_config: dict[str, Any],
+               wandb_project: str | None = None) -> tuple[Sink | None, Closer | None]:
+    """An optional extra destination for scalars and how to end it; the package is imported only when asked for.
+
+    wandb_project: the wandb project (default: $WANDB_PROJECT, else "dapolicy").
+    """
     if logger == "none":
-        return None
+        return None, None
+    check_logger(logger)
     if logger == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise RuntimeError("--logger tensorboard needs the `tensorboard` package (pip install "
-                               "tensorboard)") from e
+        from torch.utils.tensorboard import SummaryWriter
+
         writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
         def tb(record: dict[str, Any]) -> None:
@@ -138,17 +178,16 @@ def _make_sink(logger: str, run_dir: Path, run_config: dict[str, Any]):
                     writer.add_scalar(f"{prefix}/{k}", v, record.get("step", 0))
             writer.flush()
 
-        return tb
+        return tb, lambda failed: writer.close()
     if logger == "wandb":
-        try:
-            import wandb
-        except ImportError as e:
-            raise RuntimeError("--logger wandb needs the `wandb` package (pip install wandb)") from e
-        run = wandb.init(project="dapolicy", dir=str(run_dir), config=run_config)
+        import wandb
+
+        project = wandb_project or os.environ.get(WANDB_PROJECT_ENV) or DEFAULT_WANDB_PROJECT
+        run = wandb.init(project=project, dir=str(run_dir), config=run_config)
 
         def wb(record: dict[str, Any]) -> None:
             prefix = f"{record.get('stage', 'run')}/{record.get('kind', 'train')}"
             run.log({f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
 
-        return wb
+        return wb, lambda failed: run.finish(exit_code=1 if failed else 0)
     raise ValueError(f"unknown logger {logger!r}")

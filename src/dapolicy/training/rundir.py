@@ -13,12 +13,12 @@ RUN/
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from dapolicy.atomic import read_json
 from dapolicy.training.checkpoint import atomic_write_json, remove_stale_temp_files
 
 try:
@@ -73,14 +73,19 @@ class RunDir:
 
     def read_state(self) -> dict[str, Any]:
         if self.state_file.exists():
-            return json.loads(self.state_file.read_text())
+            return read_json(self.state_file, self._corrupt_fix)
         return {"stages_done": [], "summaries": {}}
 
     def write_state(self, state: dict[str, Any]) -> None:
         atomic_write_json(self.state_file, state)
 
     def read_config(self) -> dict[str, Any] | None:
-        return json.loads(self.config.read_text()) if self.config.exists() else None
+        return read_json(self.config, self._corrupt_fix) if self.config.exists() else None
+
+    @property
+    def _corrupt_fix(self) -> str:
+        """What to do about a corrupt run file: the run cannot be continued, only started over."""
+        return f"start over with `dap train --out {self.root} --overwrite ...` or choose another --out"
 
     @contextmanager
     def lock(self) -> Iterator[None]:

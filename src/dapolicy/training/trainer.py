@@ -214,7 +214,19 @@ class Trainer:
 
         on_main(write_config)
         log = (MetricsLog(self.run.metrics, logger=self.cfg.logger, run_dir=self.run.root,
-                          run_config=self.run_config) if self.env.is_main else NullLog())
+                          run_config=self.run_config, wandb_project=self.cfg.wandb_project)
+               if self.env.is_main else NullLog())
+        try:
+            self._run_stages(policy, init, selected, data, store, log, state)
+        except BaseException:
+            log.close(failed=True)  # wandb marks the run failed instead of leaving it "running"
+            raise
+        log.close()
+        return self.run.root
+
+    def _run_stages(self, policy: Any, init: Any, selected: tuple[str, ...], data: Any, store: Any, log: Any,
+                    state: dict[str, Any]) -> None:
+        """Copy the `init_from` stages, then train the selected ones (stopping when the step budget is spent)."""
         if self.req.init_from is not None and not state["stages_done"]:
             order = tuple(policy.stage_names)
             first = min(order.index(s) for s in selected)
@@ -229,14 +241,13 @@ class Trainer:
                 continue
             if budget.exhausted():
                 _say(f"stopped before stage {stage!r}; continue with --resume")
-                return self.run.root
+                return
             result = self._run_stage(policy, init, stage, data, store, log, budget)
             if not result.completed:
                 _say(f"stopped in stage {stage!r} at step {result.step}/{result.total}; "
                      f"continue with --resume (checkpoint {self.run.last})")
-                return self.run.root
+                return
             self._finish_stage(policy, stage, result, data, store, log, state)
-        return self.run.root
 
     def _selected_stages(self, policy: Any, state: dict[str, Any]) -> tuple[str, ...]:
         """The stages this call trains, in order, after checking that each one's predecessors will be
