@@ -24,7 +24,7 @@ from websockets.sync.client import connect as ws_connect
 from dapolicy import cli, serve, wire
 from dapolicy.client import ActionChunkBroker, PolicyClient, ServerDisconnected, ServerError, chunk_seed
 from dapolicy.policies import load_pretrained, make_policy
-from dapolicy.policies.receding import RecedingHorizon, env_frame
+from dapolicy.receding import RecedingHorizon, env_frame
 from dapolicy.spec import EnvSpec
 
 SPEC = EnvSpec(name="square", cameras=("top",), image_size=32, action_dim=2, proprio_dim=2, max_steps=24)
@@ -271,7 +271,7 @@ def bad_messages() -> list[tuple[str, bytes | str, str]]:
          "'side'"),
         ("act image size", wire.pack({"type": "act", "obs": {**frame, "images": {"top": np.zeros((8, 8, 3),
                                                                                                 np.uint8)}}}),
-         "image has shape"),
+         "expected uint8 (32, 32, 3)"),
         ("act NaN", wire.pack({"type": "act", "obs": {**frame, "proprio": np.array([np.nan, 0], np.float32)}}), "NaN"),
         ("act images not a map", wire.pack({"type": "act", "obs": {**frame, "images": np.zeros(3, np.uint8)}}), "map"),
     ]

@@ -33,6 +33,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.sync.client import connect as _ws_connect
 
+from dapolicy.receding import check_frame
 from dapolicy.wire import DEFAULT_MAX_MESSAGE_MB, PROTOCOL_VERSION, WireError, pack, unpack
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
@@ -296,25 +297,10 @@ def frame_from_obs(env_obs: Mapping[str, Any], cameras: Sequence[str], image_siz
                    proprio_dim: int) -> dict[str, np.ndarray]:
     """One env observation -> {"images": uint8 [C, S, S, 3] in model camera order, "proprio": float32 [P]}.
 
-    Same checks as the server's (and `dapolicy.policies.receding.env_frame`), done here so a wrong camera or
-    size fails on the robot before any network round trip.
+    The server's own checks (`dapolicy.receding.check_frame`), run here so a wrong camera or size fails on the
+    robot before any network round trip.
     """
-    for key in ("images", "proprio"):
-        if key not in env_obs:
-            raise ValueError(f"observation is missing key {key!r}")
-    images = []
-    for cam in cameras:
-        if cam not in env_obs["images"]:
-            raise ValueError(f"observation is missing camera {cam!r} (the model's cameras: {list(cameras)})")
-        img = np.asarray(env_obs["images"][cam])
-        if img.shape != (image_size, image_size, 3) or img.dtype != np.uint8:
-            raise ValueError(f"camera {cam!r} image is {img.dtype} {img.shape}, expected uint8 "
-                             f"({image_size}, {image_size}, 3)")
-        images.append(img)
-    proprio = np.asarray(env_obs["proprio"], dtype=np.float32)
-    if proprio.shape != (proprio_dim,):
-        raise ValueError(f"'proprio' has shape {proprio.shape}, expected ({proprio_dim},)")
-    return {"images": np.stack(images), "proprio": proprio}
+    return check_frame(env_obs, cameras, image_size, proprio_dim)
 
 
 def chunk_seed(seed: int, index: int) -> int:

@@ -25,8 +25,8 @@ import numpy as np
 
 from dapolicy.envs.base import Env, make_env
 from dapolicy.envs.perturbations import OOD_KINDS, OODConfig
-from dapolicy.policies.receding import RecedingHorizon, env_frame
 from dapolicy.policies.registry import MODEL_SUBDIR, resolve_model_dir
+from dapolicy.receding import RecedingHorizon, env_frame
 from dapolicy.spec import EnvSpec
 from dapolicy.stats import latency_summary, wilson_interval
 

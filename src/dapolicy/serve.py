@@ -259,7 +259,7 @@ class PolicyServer:
         return work
 
     def _act(self, session: Session, message: dict[str, Any]) -> Callable[[], dict[str, Any]]:
-        from dapolicy.policies.receding import env_frame
+        from dapolicy.receding import env_frame
 
         obs = self._validate_frame(message.get("obs"))
         mode, steps, return_next = self._options(message)
@@ -289,7 +289,7 @@ class PolicyServer:
 
     # ------------------------------------------------------------------ I/O side (event loop)
     def _new_session(self, remote: str) -> Session:
-        from dapolicy.policies.receding import RecedingHorizon
+        from dapolicy.receding import RecedingHorizon
 
         return Session(remote, RecedingHorizon(self.policy.n_obs_steps, self.policy.n_action_steps))
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dapolicy import __version__
 from dapolicy.policies.normalizer import MinMaxNormalizer, check_finite
-from dapolicy.policies.receding import RecedingHorizon, env_frame
+from dapolicy.receding import RecedingHorizon, env_frame
 from dapolicy.spec import EnvSpec
 
 BatchLayout = Literal["frames", "windows"]

@@ -1,4 +1,6 @@
-"""Receding-horizon bookkeeping shared by every chunked policy and the evaluator.
+"""Receding-horizon bookkeeping shared by every chunked policy, the evaluator, the server and the robot client.
+
+Torch-free (numpy only), so the robot-side client (`dapolicy.client`) uses the same checks and history.
 
 The last T_o frames (at an episode's start the first frame is repeated, as the training sampler pads) and
 the queue of the T_a actions still to execute from the last predicted chunk of H.
@@ -7,31 +9,40 @@ the queue of the T_a actions still to execute from the last predicted chunk of H
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from dapolicy.spec import EnvSpec
 
 
-def env_frame(env_obs: Mapping[str, Any], spec: EnvSpec) -> dict[str, np.ndarray]:
-    """One env observation -> {"images": uint8 [C, S, S, 3] (spec camera order), "proprio": [P]}, checked."""
+def check_frame(env_obs: Mapping[str, Any], cameras: Sequence[str], image_size: int,
+                proprio_dim: int) -> dict[str, np.ndarray]:
+    """One env observation -> {"images": uint8 [C, S, S, 3] (in `cameras` order), "proprio": float32 [P]}.
+
+    Errors name the missing key or camera, or the wrong shape or dtype.
+    """
     missing = [k for k in ("images", "proprio") if k not in env_obs]
     if missing:
         raise ValueError(f"observation is missing key(s) {missing}")
-    s = spec.image_size
     images = []
-    for cam in spec.cameras:
+    for cam in cameras:
         if cam not in env_obs["images"]:
-            raise ValueError(f"observation is missing camera {cam!r} (expected cameras {list(spec.cameras)})")
+            raise ValueError(f"observation is missing camera {cam!r} (expected cameras {list(cameras)})")
         img = np.asarray(env_obs["images"][cam])
-        if img.shape != (s, s, 3):
-            raise ValueError(f"camera {cam!r} image has shape {img.shape}, expected ({s}, {s}, 3)")
-        images.append(img.astype(np.uint8, copy=False))
+        if img.shape != (image_size, image_size, 3) or img.dtype != np.uint8:
+            raise ValueError(f"camera {cam!r} image is {img.dtype} {img.shape}, expected uint8 "
+                             f"({image_size}, {image_size}, 3)")
+        images.append(img)
     proprio = np.asarray(env_obs["proprio"], dtype=np.float32)
-    if proprio.shape != (spec.proprio_dim,):
-        raise ValueError(f"'proprio' has shape {proprio.shape}, expected ({spec.proprio_dim},)")
+    if proprio.shape != (proprio_dim,):
+        raise ValueError(f"'proprio' has shape {proprio.shape}, expected ({proprio_dim},)")
     return {"images": np.stack(images), "proprio": proprio}
+
+
+def env_frame(env_obs: Mapping[str, Any], spec: EnvSpec) -> dict[str, np.ndarray]:
+    """`check_frame` with the cameras and sizes of a task spec."""
+    return check_frame(env_obs, spec.cameras, spec.image_size, spec.proprio_dim)
 
 
 class RecedingHorizon:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dapolicy.policies.receding import RecedingHorizon, env_frame
+from dapolicy.receding import RecedingHorizon, env_frame
 from dapolicy.spec import EnvSpec
 
 SPEC = EnvSpec(name="t", cameras=("a", "b"), image_size=4, action_dim=2, proprio_dim=1, max_steps=5)
