@@ -219,3 +219,23 @@ def test_cli(store_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     code = cli_main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--config",
                      "tiny", "--no-progress"])
     assert code == 2
+
+
+def test_each_models_normaliser_is_fitted_on_its_own_stages_episodes(tmp_path: Path) -> None:
+    """The policy learns from successful experts: its statistics come from them; the dynamics model's from
+    every episode (random actions outside the experts' range included)."""
+    spec = EnvSpec(name="synthetic", cameras=("front",), image_size=32, action_dim=2, proprio_dim=3, max_steps=12,
+                   action_low=(-1.0, -1.0), action_high=(1.0, 1.0))
+    store = EpisodeStore.create(tmp_path / "data", spec)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        source, width = ("expert", 0.5) if i < 4 else ("random", 1.0)
+        store.append_episode(Episode(images={"front": rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)},
+                                     proprio=rng.standard_normal((12, 3)).astype(np.float32) * width,
+                                     action=rng.uniform(-width, width, (12, 2)).astype(np.float32),
+                                     meta={"source": source, "seed": i, "success": True}))
+    run = train(tmp_path / "data", tmp_path / "run", **{**FAST, "steps": 1})
+    policy = load_pretrained(run)
+    assert float(policy.action_normalizer.high.max()) <= 0.5 < float(policy.dynamics_action_normalizer.high.max())
+    fm = train(tmp_path / "data", tmp_path / "fm", method="fm", init_from=run, **{**FAST, "steps": 1})
+    assert torch.equal(load_pretrained(fm).action_normalizer.high, policy.action_normalizer.high)

@@ -239,3 +239,26 @@ def test_rollout_share_trains_on_own_rollouts(monkeypatch):
     monkeypatch.setattr(policy, "_rollout_estimate", lambda *a, **k: calls.append(1) or original(*a, **k))
     out = policy.compute_loss(_batch(4), "policy")
     assert calls == [1] and float(out["share_rollout"]) == 1.0 and torch.isfinite(out["loss"])
+
+
+def test_each_model_has_its_own_statistics_and_actions_are_mapped_between_them():
+    """The policy's normaliser covers its expert data, the dynamics model's every episode; the coupled sampler
+    hands the policy's action estimate to the dynamics model in the dynamics model's units."""
+    policy = _policy()
+    rng = np.random.default_rng(0)
+    expert = type("D", (), {"action": rng.uniform(-0.5, 0.5, (40, 3)), "proprio": rng.uniform(0, 1, (40, 2))})
+    everything = type("D", (), {"action": rng.uniform(-3, 3, (80, 3)), "proprio": rng.uniform(-2, 2, (80, 2))})
+    policy.fit_normalizers(lambda stage: everything if stage == "dynamics" else expert)
+    assert float(policy.action_normalizer.high.max()) <= 0.5 < float(policy.dynamics_action_normalizer.high.max())
+    a_env = torch.as_tensor(rng.uniform(-2, 2, (5, 16, 3)), dtype=torch.float32)
+    scale, shift = policy.policy_to_dynamics_action()
+    mapped = policy.action_normalizer.normalize(a_env) * scale + shift
+    torch.testing.assert_close(mapped, policy.dynamics_action_normalizer.normalize(a_env))
+    # the fast sampler and the reference sampler agree under the mapping too
+    from dapolicy.policies import fast_sampler
+
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    batch = policy.validate_obs(_obs(2))
+    fast = fast_sampler.predict(policy, dict(batch), True, "jacobi", 4, False, g())
+    ref = fast_sampler.reference_predict(policy, dict(batch), True, "jacobi", 4, False, g())
+    torch.testing.assert_close(fast[0], ref[0], atol=1e-5, rtol=1e-4)

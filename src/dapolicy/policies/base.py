@@ -173,10 +173,23 @@ class Policy(nn.Module, ABC):
     def compute_loss(self, batch: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
         """{"loss": scalar, ...other scalars to log} for one batch of `stage`."""
 
+    def normalizers_by_stage(self) -> dict[str, tuple[MinMaxNormalizer, MinMaxNormalizer]]:
+        """(action, proprio) normalisers of each model, keyed by the stage that trains it: each model's are fitted
+        on the data that model trains on. Default: the policy's, fitted on the last stage's (the one that learns
+        actions, e.g. successful expert episodes). DAP adds its dynamics model's (every episode)."""
+        return {self.stage_names[-1]: (self.action_normalizer, self.proprio_normalizer)}
+
+    def fit_normalizers(self, data_of: Any) -> None:
+        """Fit every model's statistics on its own stage's data: `data_of(stage)` -> anything with `.action`
+        and `.proprio` (e.g. EpisodeData)."""
+        for stage, (action, proprio) in self.normalizers_by_stage().items():
+            data = data_of(stage)
+            action.fit(data.action, f"{stage} action")
+            proprio.fit(data.proprio, f"{stage} proprio")
+
     def fit_normalizer(self, data: Any) -> None:
-        """Fit action/proprio statistics (anything with `.action` and `.proprio`, e.g. EpisodeData)."""
-        self.action_normalizer.fit(data.action, "action")
-        self.proprio_normalizer.fit(data.proprio, "proprio")
+        """Fit every normaliser on the same data (tests, tools with a single dataset)."""
+        self.fit_normalizers(lambda stage: data)
 
     def encode_latents(self, images: np.ndarray | Tensor, batch_size: int = 256) -> Tensor:
         """Latents of a frozen image codec, for stages whose `inputs` include "latents"."""

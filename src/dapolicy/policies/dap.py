@@ -29,6 +29,7 @@ from dapolicy.policies.base import Capabilities, ChunkPrediction, StageSpec, req
 from dapolicy.policies.coupling import COUPLING_MODES, CouplingTrace, coupled_generation
 from dapolicy.policies.dap_config import NEXT_OBS_SOURCES, DAPConfig
 from dapolicy.policies.fm import FMPolicy
+from dapolicy.policies.normalizer import MinMaxNormalizer
 from dapolicy.spec import EnvSpec
 
 
@@ -45,6 +46,9 @@ class DAPPolicy(FMPolicy):
         self.dynamics = LatentDynamicsDiT(config.dynamics, len(spec.cameras), self.latent_channels,
                                           self.latent_size, spec.action_dim, config.horizon,
                                           spec.proprio_dim * config.n_obs_steps)
+        # The dynamics model trains on every episode (random actions included): its own statistics.
+        self.dynamics_action_normalizer = MinMaxNormalizer(spec.action_dim)
+        self.dynamics_proprio_normalizer = MinMaxNormalizer(spec.proprio_dim)
 
     @property
     def uses_vae(self) -> bool:
@@ -66,6 +70,22 @@ class DAPPolicy(FMPolicy):
     def stage_module(self, stage: str) -> nn.Module:
         return self.dynamics if stage == "dynamics" else super().stage_module(stage)
 
+    def normalizers_by_stage(self) -> dict[str, tuple[MinMaxNormalizer, MinMaxNormalizer]]:
+        return {**super().normalizers_by_stage(),
+                "dynamics": (self.dynamics_action_normalizer, self.dynamics_proprio_normalizer)}
+
+    def policy_to_dynamics_action(self) -> tuple[Tensor, Tensor]:
+        """(scale, shift): a policy-normalised action chunk a -> a * scale + shift in the dynamics model's units
+        (the two models' statistics differ: the policy's cover expert actions, the dynamics model's all)."""
+        ones = torch.ones(self.spec.action_dim, device=self.device)
+        shift = self.dynamics_action_normalizer.normalize(self.action_normalizer.unnormalize(0 * ones))
+        scale = self.dynamics_action_normalizer.normalize(self.action_normalizer.unnormalize(ones)) - shift
+        return scale, shift
+
+    def dynamics_proprio(self, proprio: Tensor) -> Tensor:
+        """Raw proprio [B, T_o, P] -> the dynamics model's flattened, normalised proprio [B, T_o * P]."""
+        return self.dynamics_proprio_normalizer.normalize(proprio).flatten(1)
+
     # ------------------------------------------------------------------ losses
     def compute_loss(self, batch: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
         if stage == "dynamics":
@@ -74,9 +94,9 @@ class DAPPolicy(FMPolicy):
 
     def _dynamics_inputs(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         latents = require(batch, "latents", 6)
-        proprio = self.proprio_normalizer.normalize(require(batch, "proprio", 3))
-        action = self.action_normalizer.normalize(require(batch, "action", 3))
-        return latents[:, -1], proprio.flatten(1), action
+        proprio = self.dynamics_proprio(require(batch, "proprio", 3))
+        action = self.dynamics_action_normalizer.normalize(require(batch, "action", 3))
+        return latents[:, -1], proprio, action
 
     def _dynamics_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
         current, proprio, action = self._dynamics_inputs(batch)
@@ -150,7 +170,8 @@ class DAPPolicy(FMPolicy):
         """
         mode, steps = self.config.coupling, self.config.flow.steps
         b = a_noise.shape[0]
-        current, proprio = batch["latents"][:, -1], self.proprio_normalizer.normalize(batch["proprio"]).flatten(1)
+        current, proprio = batch["latents"][:, -1], self.dynamics_proprio(batch["proprio"])
+        scale, shift = self.policy_to_dynamics_action()
         was_training = self.policy_net.training
         self.policy_net.eval()
         context = self.policy_net.unet.prepare_context(tokens)
@@ -160,7 +181,8 @@ class DAPPolicy(FMPolicy):
                                         dynamic_tokens=self.policy_net.next_tokens(z_hat, b))
 
         def dynamics_velocity(z: Tensor, t: float, a_hat: Tensor | None) -> Tensor:
-            return self.dynamics(z, torch.full((b,), t, device=z.device), current, a_hat, proprio)
+            a_dyn = None if a_hat is None else a_hat * scale + shift
+            return self.dynamics(z, torch.full((b,), t, device=z.device), current, a_dyn, proprio)
 
         trace = CouplingTrace()
         z0 = z_noise if z_noise is not None else torch.randn(
@@ -192,9 +214,9 @@ class DAPPolicy(FMPolicy):
             if tuple(action.shape) != (b, self.config.horizon, self.spec.action_dim):
                 raise ValueError(f"actions must be [{b}, {self.config.horizon}, {self.spec.action_dim}], got "
                                  f"{tuple(action.shape)}")
-            action = self.action_normalizer.normalize(action)
+            action = self.dynamics_action_normalizer.normalize(action)
         current = batch["latents"][:, -1]
-        proprio = self.proprio_normalizer.normalize(batch["proprio"]).flatten(1)
+        proprio = self.dynamics_proprio(batch["proprio"])
         steps = steps or self.config.flow.steps
         z = torch.randn(current.shape, generator=generator, device=self.device)
         for tau in time_grid(steps):

@@ -157,8 +157,10 @@ class DynamicsStep:
     """v_Z(Z, tau_k, A_hat | None) of a prepared call of the latent dynamics DiT (flat-tensor steps as above)."""
 
     def __init__(self, dynamics: nn.Module, current: Tensor, proprio: Tensor, taus: Tensor,
-                 runner: Runner = run_eager, constants: Callable[[Any, Callable[[], Any]], Any] | None = None) -> None:
+                 runner: Runner = run_eager, constants: Callable[[Any, Callable[[], Any]], Any] | None = None,
+                 action_map: tuple[Tensor, Tensor] | None = None) -> None:
         self.model = dynamics
+        self.action_map = action_map  # (scale, shift): the policy's action units -> the dynamics model's
         self.runner = runner
         cached = constants or (lambda key, make: make())
         tables = cached(("dynamics", taus.shape[0]), lambda: dynamics.inference_constants(taus))
@@ -176,6 +178,8 @@ class DynamicsStep:
         if a_hat is None:
             return self.runner("dynamics_null", self.model, self.null_step, [z, *self.steps[step], *self.calls,
                                                                               *self.null])
+        if self.action_map is not None:
+            a_hat = a_hat * self.action_map[0] + self.action_map[1]
         return self.runner("dynamics_action", self.model, self.action_step, [z, a_hat, *self.steps[step],
                                                                              *self.calls])
 
@@ -526,8 +530,8 @@ def predict(policy: Any, batch: dict[str, Tensor], return_next: bool, mode: str,
         policy_step = PolicyStep(policy.policy_net, tokens, taus, runner, state.constant)
         dynamics_step = None
         if coupled and mode != "off":
-            proprio = policy.proprio_normalizer.normalize(batch["proprio"]).flatten(1)
-            dynamics_step = DynamicsStep(policy.dynamics, current, proprio, taus, runner, state.constant)
+            dynamics_step = DynamicsStep(policy.dynamics, current, policy.dynamics_proprio(batch["proprio"]), taus,
+                                         runner, state.constant, action_map=policy.policy_to_dynamics_action())
         a, z = sample(policy_step, dynamics_step, z0, a0, steps, mode, need_latents=return_next, trace=trace,
                       concurrent=concurrent)
     return a, z, (trace.as_dict() if trace is not None else None)
@@ -563,10 +567,12 @@ def reference_predict(policy: Any, batch: dict[str, Tensor], return_next: bool, 
         if not coupled:
             return sample_policy(policy_velocity, a0, steps, None, trace), None, (trace.as_dict() if trace else None)
         current = batch["latents"][:, -1] if mode != "off" else None
-        proprio = policy.proprio_normalizer.normalize(batch["proprio"]).flatten(1)
+        proprio = policy.dynamics_proprio(batch["proprio"])
+        scale, shift = policy.policy_to_dynamics_action()
 
         def dynamics_velocity(z: Tensor, tau: float, a_hat: Tensor | None) -> Tensor:
-            return policy.dynamics(z, torch.full((b,), tau, device=z.device), current, a_hat, proprio)
+            a_dyn = None if a_hat is None else a_hat * scale + shift
+            return policy.dynamics(z, torch.full((b,), tau, device=z.device), current, a_dyn, proprio)
 
         a, z = coupled_generation(dynamics_velocity, policy_velocity, z0, a0, steps, mode, trace)
     return a, (z if return_next else None), (trace.as_dict() if trace is not None else None)

@@ -96,9 +96,12 @@ class Trainer:
             policy = load_pretrained(self.run.model)
         else:
             policy = copy.deepcopy(init)
-            ids = np.unique(np.concatenate([self._episodes(policy, spec.name, store) for spec in policy.stages]))
-            frames = frames_of(data.episode_ends, ids)
-            policy.fit_normalizer(SimpleNamespace(action=data.action[frames], proprio=data.proprio[frames]))
+
+            def data_of(stage: str) -> SimpleNamespace:  # each model's statistics from its own stage's episodes
+                frames = frames_of(data.episode_ends, self._episodes(policy, stage, store))
+                return SimpleNamespace(action=data.action[frames], proprio=data.proprio[frames])
+
+            policy.fit_normalizers(data_of)
         return policy.to(self.req.device), init
 
     def _check_model(self) -> None:
@@ -135,8 +138,13 @@ class Trainer:
                 raise RunFolderError(f"--init-from {source_dir}: stage {stage!r} has other shapes there "
                                      f"({', '.join(mismatch[:3])}...): its config differs; retrain it with --stage")
             policy.stage_module(stage).load_state_dict(theirs)
-        for name in ("action_normalizer", "proprio_normalizer"):
-            getattr(policy, name).load_state_dict(getattr(source, name).state_dict())
+        copied_norms = []
+        theirs_by_stage = source.normalizers_by_stage()
+        for stage, mine_norms in policy.normalizers_by_stage().items():
+            if stage in stages:  # a copied model keeps the statistics it was trained with
+                for mine_norm, their_norm in zip(mine_norms, theirs_by_stage[stage]):
+                    mine_norm.load_state_dict(their_norm.state_dict())
+                copied_norms.append(stage)
         state["stages_done"] = list(stages)
         state["init_from"] = str(source_dir)
 
@@ -147,7 +155,8 @@ class Trainer:
         on_main(write)
         log.write({"kind": "init_from", "stage": stages[-1], "step": 0, "source": str(source_dir),
                    "stages": list(stages)})
-        _say(f"copied stage(s) {', '.join(stages)} and the normalisers from {source_dir}")
+        norms = f" and the {', '.join(copied_norms)} normalisers" if copied_norms else ""
+        _say(f"copied stage(s) {', '.join(stages)}{norms} from {source_dir}")
 
     # ------------------------------------------------------------------------------------------ batches
     def _stage_batches(self, policy: Any, stage: str, data: Any, store: Any) -> StageBatches:
