@@ -191,6 +191,21 @@ def _video_still(run_dir: Path, out: Path) -> str | None:
     return still.name
 
 
+def _prediction_summary(diag: dict[str, Any]) -> list[str]:
+    """One table: what the predicted next frame is worth against copying the current frame, per camera."""
+    if "final_psnr_vs_real" not in diag:
+        return []
+    lines = ["| camera | predicted next frame | copy current frame | VAE reconstruction | gain from the true "
+             "action | action sensitivity |", "|---|---|---|---|---|---|"]
+    for cam, final in diag["final_psnr_vs_real"].items():
+        def get(key: str, fmt: str = ".1f", unit: str = " dB") -> str:
+            value = diag.get(key, {}).get(cam)
+            return "-" if value is None else f"{value:{fmt}}{unit}"
+        lines.append(f"| {cam} | {final:.1f} dB | {get('psnr_copy_current')} | {get('psnr_vae_recon')} | "
+                     f"{get('action_psnr_gain_db', '+.2f')} | {get('action_sensitivity', '.2f', '')} |")
+    return lines + ["", "(`docs/method.md` explains these references; `dap diagnose` writes them all.)", ""]
+
+
 def render_report(out: Path, summary: dict[str, Any], results: dict[str, Any], diag: dict[str, Any]) -> str:
     """report.md: success rates with Wilson intervals, latency, plots and a video frame."""
     from dapolicy.evaluate import format_table
@@ -214,6 +229,7 @@ def render_report(out: Path, summary: dict[str, Any], results: dict[str, Any], d
         lines.append(f"![{plot.stem}](run/plots/{plot.name})")
     lines += ["", "## Extrapolated estimates along the flow (Fig. 2)", "",
               "PSNR of the decoded extrapolated next frame and MSE of the extrapolated action vs tau:", ""]
+    lines += _prediction_summary(diag)
     for name in ("diagnose.png", "strip.png"):
         if (run_dir / "diagnose" / name).is_file():
             lines.append(f"![{name}](run/diagnose/{name})")
