@@ -208,8 +208,11 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
     mse_final, mse_demo, final_mse_demo = [], [], []  # [K, B], then [B]
     strip: dict[str, np.ndarray] = {}
     baselines: dict[str, list[np.ndarray]] = {k: [] for k in BASELINE_KEYS}
+    # "Another window's action": half-way around the sorted window list, i.e. another episode or time.
+    other_ids = np.roll(ids, len(ids) // 2)
     for start in tqdm(range(0, len(ids), batch_size), desc="diagnose", disable=not progress, unit="batch"):
         batch = sampler.gather(data.arrays(), ids[start:start + batch_size])
+        other_actions = sampler.gather({"action": data.action}, other_ids[start:start + batch_size])["action"]
         obs = {"images": batch["images"], "proprio": batch["proprio"]}
         with torch.no_grad():
             pred = policy.predict_chunk(obs, return_next=with_frames, return_trace=True, **kwargs)
@@ -230,7 +233,7 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
             psnr_real.append(_capped_psnr(decoded, real[None]))
             psnr_final.append(_capped_psnr(decoded, final[None]))
             final_psnr_real.append(_capped_psnr(final, real))
-            for key, value in _frame_baselines(policy, obs, batch, real, seed + start).items():
+            for key, value in _frame_baselines(policy, obs, batch, other_actions, real, seed + start).items():
                 baselines[key].append(value)
             if start == 0:
                 n = min(strip_windows, real.shape[0])
@@ -270,15 +273,16 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
 BASELINE_KEYS = ("copy_current", "vae_recon", "true_action", "other_action", "predicted_change", "real_change")
 
 
-def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], real: np.ndarray,
-                     seed: int) -> dict[str, np.ndarray]:
+def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], other_actions: np.ndarray,
+                     real: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """Per window and camera: the references a next-frame prediction must beat, and its action sensitivity.
 
     copy_current: PSNR of simply copying the current frame (a model that ignores time scores this).
     vae_recon: PSNR of the VAE's own reconstruction of the real next frame (the ceiling in latent space).
     true_action / other_action: PSNR vs the real next frame of the dynamics model's prediction given the
-        demonstrated chunk, and given another window's chunk (rolled by one in the batch): a model that uses
-        the action scores clearly higher with the true one.
+        demonstrated chunk, and given another window's chunk (`other_actions`: from half-way around the
+        sorted window list, so another episode or another phase of it): a model that uses the action scores
+        clearly higher with the true one.
     predicted_change / real_change: mean squared pixel change between the two predictions, and between the
         real next frame and the current frame (the change the demonstrated action caused), in [0, 1] units.
     """
@@ -288,9 +292,8 @@ def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], re
     out = {"copy_current": _capped_psnr(current, real)}
     if hasattr(policy, "encode_latents") and hasattr(policy, "decode_latents"):
         out["vae_recon"] = _capped_psnr(to_numpy(policy.decode_latents(policy.encode_latents(real))), real)
-    if hasattr(policy, "predict_next") and len(real) > 1:
-        actions = np.asarray(batch["action"])
-        other = np.roll(actions, 1, axis=0)
+    if hasattr(policy, "predict_next"):
+        actions, other = np.asarray(batch["action"]), np.asarray(other_actions)
         true_pred = policy.predict_next(obs, actions, generator=torch.Generator().manual_seed(seed))
         other_pred = policy.predict_next(obs, other, generator=torch.Generator().manual_seed(seed))
         out["true_action"] = _capped_psnr(true_pred, real)
