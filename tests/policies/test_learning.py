@@ -64,3 +64,35 @@ def test_vae_dynamics_and_policy_learn_and_coupled_sampler_reproduces_demos():
     # Mean absolute error below 6% of the demonstrated action range, and the blind control far worse.
     assert sighted < 0.06, f"coupled sampler misses the demonstrated actions by {sighted:.3f} of the range"
     assert blind > 1.6 * sighted, f"blind {blind:.3f} vs sighted {sighted:.3f}: the task did not need the image"
+
+
+def test_the_dynamics_model_uses_the_action_when_the_action_decides_the_future():
+    """Random actions from random states: the next frame is only predictable from the action, so the trained
+    dynamics model's prediction with the true chunk must be clearly closer to it than with another chunk."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    policy = make_policy("dap", SQUARE_SPEC, size="tiny")
+    n = 256
+    start = rng.uniform(0.2, 0.8, (n, 2)).astype(np.float32)
+    action = rng.uniform(-0.1, 0.1, (n, 1, 2)).repeat(16, axis=1).astype(np.float32)  # one direction per chunk
+    from conftest import render_square
+
+    nxt = start + action[:, :8].sum(1)
+    data = {"images": torch.as_tensor(render_square(start)[:, None, None].repeat(2, axis=1)),
+            "next_images": torch.as_tensor(render_square(nxt)[:, None]), "proprio": torch.zeros(n, 2, 2),
+            "action": torch.as_tensor(action), "action_is_pad": torch.zeros(n, 16, dtype=torch.bool)}
+    policy.fit_normalizer(type("D", (), {"action": action.reshape(-1, 2), "proprio": np.zeros((n, 2))}))
+    _train(policy, data, "vae", 150, 3e-3, rng)
+    policy.after_stage("vae", data["images"][:, -1].numpy())
+    data["latents"] = policy.encode_latents(data["images"])
+    data["next_latents"] = policy.encode_latents(data["next_images"])
+    _train(policy, data, "dynamics", 600, 3e-3, rng)
+
+    obs = {"images": data["images"][:64], "proprio": data["proprio"][:64]}
+    real = data["next_images"][:64].numpy().astype(np.float64)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    true = policy.predict_next(obs, action[:64], generator=g()).astype(np.float64)
+    other = policy.predict_next(obs, action[:64][::-1].copy(), generator=g()).astype(np.float64)
+    err_true, err_other = ((true - real) ** 2).mean(), ((other - real) ** 2).mean()
+    # measured: 1144 vs 1876 (600 steps); 952 vs 1900 after 1000 steps; copying the current frame: 2522
+    assert err_true < 0.75 * err_other, f"true-action error {err_true:.1f} vs other-action {err_other:.1f}"
