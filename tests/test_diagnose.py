@@ -206,3 +206,26 @@ def test_copy_baseline_and_action_sensitivity_can_tell_a_model_that_ignores_the_
     res = dg.diagnose(run, windows=4, policy=policy, progress=False)
     assert all(v == 0 for v in res["action_sensitivity"].values())
     assert all(v == pytest.approx(0, abs=1e-9) for v in res["action_psnr_gain_db"].values())
+
+
+def test_next_obs_reliance_tells_a_policy_that_reads_the_future_from_one_that_ignores_it(run_dir):
+    """Demo-action error given the real next frames, another window's, and none: equal when the policy's
+    next-observation tokens ignore the frames, different when they do not."""
+    from dapolicy.policies import make_policy
+
+    run, _ = run_dir
+    torch.manual_seed(0)
+    policy = make_policy("dap", SPEC, size="tiny").eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # zero-initialised output layers would hide the next-observation pathway
+        for p in policy.policy_net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    res = dg.diagnose(run, windows=12, policy=policy, progress=False)
+    rel = res["next_obs_reliance"]
+    assert set(rel) == {"real", "shuffled", "null", "coupled"}
+    assert rel["real"] != pytest.approx(rel["shuffled"], rel=1e-6)
+    with torch.no_grad():  # the next-observation tokens no longer depend on the frames
+        for p in policy.policy_net.next_tokenizer.parameters():
+            p.zero_()
+    rel = dg.diagnose(run, windows=12, policy=policy, progress=False)["next_obs_reliance"]
+    assert rel["real"] == pytest.approx(rel["shuffled"], rel=1e-9)

@@ -208,6 +208,7 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
     mse_final, mse_demo, final_mse_demo = [], [], []  # [K, B], then [B]
     strip: dict[str, np.ndarray] = {}
     baselines: dict[str, list[np.ndarray]] = {k: [] for k in BASELINE_KEYS}
+    reliance: dict[str, list[np.ndarray]] = {k: [] for k in RELIANCE_KEYS}
     # "Another window's action": half-way around the sorted window list, i.e. another episode or time.
     other_ids = np.roll(ids, len(ids) // 2)
     for start in tqdm(range(0, len(ids), batch_size), desc="diagnose", disable=not progress, unit="batch"):
@@ -235,6 +236,11 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
             final_psnr_real.append(_capped_psnr(final, real))
             for key, value in _frame_baselines(policy, obs, batch, other_actions, real, seed + start).items():
                 baselines[key].append(value)
+            if hasattr(policy, "act_given_next"):
+                other_next = sampler.gather({"images": data.images}, other_ids[start:start + batch_size])
+                for key, value in _next_obs_reliance(policy, obs, real, np.asarray(other_next["next_images"]),
+                                                     demo, valid, seed + start).items():
+                    reliance[key].append(value)
             if start == 0:
                 n = min(strip_windows, real.shape[0])
                 strip = {"decoded": decoded[:, :n], "final": final[:n], "real": real[:n],
@@ -261,6 +267,12 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
         result["final_psnr_vs_real"] = {cam: float(fr[i]) for i, cam in enumerate(cameras)}
         result["psnr_cap_db"] = PSNR_CAP_DB
         result.update(_summarize_baselines(baselines, cameras))
+    if reliance["real"]:
+        # Demo-action error of the policy alone given the real next frames, another window's, or none,
+        # beside the coupled sampler's: a policy that reads o_{t+k} scores "real" << "shuffled"/"null", and
+        # a "coupled" close to "null" says the dynamics model's estimate adds little.
+        result["next_obs_reliance"] = {k: float(np.concatenate(v).mean()) for k, v in reliance.items()}
+        result["next_obs_reliance"]["coupled"] = result["final_action_mse_vs_demo"]
 
     out.mkdir(parents=True, exist_ok=True)
     result["plot"] = str(plot_curves(result, out / "diagnose.png"))
@@ -301,6 +313,23 @@ def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], ot
         to01 = 1.0 / 255.0
         out["predicted_change"] = (((true_pred - other_pred.astype(np.float64)) * to01) ** 2).mean(axis=(-3, -2, -1))
         out["real_change"] = (((real - current.astype(np.float64)) * to01) ** 2).mean(axis=(-3, -2, -1))
+    return out
+
+
+RELIANCE_KEYS = ("real", "shuffled", "null")
+
+
+def _next_obs_reliance(policy: Any, obs: dict[str, Any], real: np.ndarray, other: np.ndarray, demo: np.ndarray,
+                       valid: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Per window: normalised demo-action MSE of the policy conditioned on the real next frames, on another
+    window's real next frames (the same ones `other_action` uses), and on the null next observation; the same
+    action noise for all three, so only the condition differs."""
+    import torch
+
+    out = {}
+    for key, frames in (("real", real), ("shuffled", other), ("null", None)):
+        actions = policy.act_given_next(obs, frames, generator=torch.Generator().manual_seed(seed))
+        out[key] = _masked_mse(_normalized_actions(policy, actions), demo, valid)
     return out
 
 
@@ -434,5 +463,9 @@ def run(args: argparse.Namespace) -> int:
                  f"action sensitivity {result['action_sensitivity'][cam]:.2f}" if "action_psnr_gain_db" in result
                  else ""))
     print(f"action MSE vs demo:      {' '.join(f'{v:6.3f}' for v in result['action_mse_vs_demo'])}")
+    if "next_obs_reliance" in result:
+        r = result["next_obs_reliance"]
+        print(f"policy given o_t+k: real {r['real']:.3f}, another window's {r['shuffled']:.3f}, none {r['null']:.3f}, "
+              f"coupled {r['coupled']:.3f} (action MSE vs demo)")
     print(f"wrote {Path(result['plot']).parent / 'diagnose.json'}")
     return 0

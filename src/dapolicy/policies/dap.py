@@ -26,7 +26,7 @@ from dapolicy.flow import (
 )
 from dapolicy.nn.dit import LatentDynamicsDiT
 from dapolicy.policies.base import Capabilities, ChunkPrediction, StageSpec, require
-from dapolicy.policies.coupling import COUPLING_MODES, CouplingTrace, coupled_generation
+from dapolicy.policies.coupling import COUPLING_MODES, CouplingTrace, coupled_generation, sample_policy
 from dapolicy.policies.dap_config import NEXT_OBS_SOURCES, DAPConfig
 from dapolicy.policies.fm import FMPolicy
 from dapolicy.policies.normalizer import MinMaxNormalizer
@@ -223,6 +223,33 @@ class DAPPolicy(FMPolicy):
             v = self.dynamics(z, torch.full((b,), tau, device=z.device), current, action, proprio)
             z = euler_step(z, v, 1.0 / steps)
         return self.decode_latents(z).cpu().numpy()
+
+    @torch.no_grad()
+    def act_given_next(self, obs: Mapping[str, object], next_images: object | None, steps: int | None = None,
+                       generator: torch.Generator | None = None) -> np.ndarray:
+        """Action chunks [B, H, A] (env units) from the policy alone, conditioned on fixed next frames o_{t+k}
+        (uint8 [B, C, S, S, 3]; None = the null next observation). `dap diagnose` uses it to measure how much
+        the policy relies on the next observation: with the real future, a shuffled one, or none."""
+        self.eval()
+        batch = self._encode_observation(self.validate_obs(obs), need_latents=False)
+        b = batch["proprio"].shape[0]
+        z_cond = None
+        if next_images is not None:
+            frames = np.asarray(next_images)
+            expected = (b, len(self.spec.cameras), self.spec.image_size, self.spec.image_size, 3)
+            if frames.shape != expected:
+                raise ValueError(f"next_images must be {list(expected)}, got {list(frames.shape)}")
+            z_cond = self.encode_latents(frames)
+        context = self.policy_net.unet.prepare_context(self.observation_tokens(batch, augment=False))
+
+        def policy_velocity(a: Tensor, t: float, z_hat: Tensor | None) -> Tensor:
+            return self.policy_net.unet(a, torch.full((b,), t, device=a.device), static=context,
+                                        dynamic_tokens=self.policy_net.next_tokens(z_hat, b))
+
+        shape = (b, self.config.horizon, self.spec.action_dim)
+        a0 = torch.randn(shape, generator=generator).to(self.device)
+        a = sample_policy(policy_velocity, a0, steps or self.config.flow.steps, z_cond)
+        return self.action_normalizer.unnormalize(a).cpu().numpy()
 
     # ------------------------------------------------------------------ inference
     def _predict(self, batch: dict[str, Tensor], return_next: bool, mode: str | None, steps: int | None,
