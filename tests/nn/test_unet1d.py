@@ -179,3 +179,23 @@ def test_traced_inference_matches_eager_for_new_inputs():
             torch.testing.assert_close(fast(x_k, t_k, static=cache, dynamic_tokens=d_k), ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fast(x, 0.5, static=cache), net(x, 0.5, static=cache), rtol=1e-5, atol=1e-6)
     assert len(fast._traces) == 2
+
+
+def test_gated_dynamic_context_starts_as_the_static_only_network_and_learns_to_open():
+    """gate = 0: the dynamic tokens change nothing and the static attention is not diluted by them (the
+    output equals the network given only the static tokens); a non-zero gate lets them in; the gate gets a
+    gradient at 0, so training can open it."""
+    net = tiny(gated_dynamic_context=True)
+    x, tau, s, d = inputs()
+    alone = net(x, tau, static_tokens=s)
+    with_dyn = net(x, tau, static_tokens=s, dynamic_tokens=d)
+    torch.testing.assert_close(with_dyn, alone, rtol=0, atol=1e-6)
+    net.mid_attn.attn.out.bias.data.normal_()  # make the attention's output non-trivial
+    loss = net(x, tau, static_tokens=s, dynamic_tokens=d).pow(2).sum()
+    loss.backward()
+    assert float(net.mid_attn.gate.grad.abs()) > 0
+    with torch.no_grad():
+        net.mid_attn.gate.fill_(0.5)
+    assert not torch.allclose(net(x, tau, static_tokens=s, dynamic_tokens=d), net(x, tau, static_tokens=s))
+    joint = tiny()  # the default: one softmax over both groups, so the dynamic tokens always matter
+    assert not torch.allclose(joint(x, tau, static_tokens=s, dynamic_tokens=d), joint(x, tau, static_tokens=s))

@@ -205,3 +205,24 @@ def test_torch_threads_are_restored_after_sampling():
     finally:
         torch.set_num_threads(saved)
     torch.testing.assert_close(a1, a2, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "off"])
+@pytest.mark.parametrize("run", ["eager", "traced_parallel"])
+def test_gated_next_observation_attention_matches_the_reference(mode, run):
+    """With `unet.gated_dynamic_context` the null group stays apart from the observation's in the fast path."""
+    policy = _policy("dap", **{"unet.gated_dynamic_context": True})
+    assert all(float(b.gate.detach()) != 0 for b in _gates(policy))  # randomised: the gated path is live
+    setting = "off" if run == "eager" else "on"
+    fast_sampler.set_options(policy, trace=setting, parallel=setting)
+    obs = _obs(2, seed=3)
+    a_ref, z_ref, _ = _reference(policy, obs, mode, seed=4)
+    a, z, _ = _fast(policy, obs, mode, seed=4)
+    torch.testing.assert_close(a, a_ref, rtol=0, atol=ATOL)
+    if z_ref is not None:
+        torch.testing.assert_close(z, z_ref, rtol=0, atol=ATOL)
+
+
+def _gates(policy) -> list:
+    unet = policy.policy_net.unet
+    return [lvl.attn for lvl in unet.downs] + [unet.mid_attn] + [lvl.attn for lvl in unet.ups]

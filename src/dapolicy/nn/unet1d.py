@@ -44,6 +44,11 @@ class UNet1DConfig:
     tau_embed_dim: width of the sinusoidal+MLP embedding of tau that drives FiLM.
     attn_heads: heads of the cross-attention layers; must divide every entry of down_dims.
     cross_attention: False drops the attention layers (a plain FiLM U-Net, for the DP-C baseline).
+    gated_dynamic_context: the dynamic group (DAP's next-observation tokens) gets its own attention softmax,
+        added to the static group's through a learned tanh gate per layer that starts at 0. The network then
+        starts as the plain policy, the current observation's attention is never diluted by the prediction's
+        tokens, and the prediction is used only as far as training finds it pays. False: one softmax over
+        the concatenation of both groups.
     """
 
     down_dims: tuple[int, ...] = (64, 128, 256)
@@ -52,6 +57,7 @@ class UNet1DConfig:
     tau_embed_dim: int = 128
     attn_heads: int = 4
     cross_attention: bool = True
+    gated_dynamic_context: bool = False
 
     def __post_init__(self) -> None:
         self.down_dims = tuple(int(d) for d in self.down_dims)
@@ -201,16 +207,30 @@ class FiLMResBlock1D(nn.Module):
 
 
 class CrossAttnBlock1D(nn.Module):
-    """Pre-norm residual cross-attention: the H time positions are the queries, context tokens the keys."""
+    """Pre-norm residual cross-attention: the H time positions are the queries, context tokens the keys.
 
-    def __init__(self, channels: int, context_dim: int, heads: int) -> None:
+    gated: the first key/value group (the static context) and the rest (the dynamic group) are attended in
+    separate softmaxes; the second result enters through tanh(gate), gate initialised to 0.
+    """
+
+    def __init__(self, channels: int, context_dim: int, heads: int, gated: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(channels)
         self.attn = CrossAttention(channels, context_dim, heads)
+        self.gate = nn.Parameter(torch.zeros(1)) if gated else None
 
     def forward(self, x: Tensor, kv: list[KV]) -> Tensor:
         tokens = self.norm(x.transpose(1, 2))  # [B, H, C]
-        return x + self.attn(tokens, kv=kv).transpose(1, 2)
+        if self.gate is None or len(kv) < 2:
+            return x + self.attn(tokens, kv=kv).transpose(1, 2)
+        out = self.attn(tokens, kv=kv[:1]) + torch.tanh(self.gate) * self.attn(tokens, kv=kv[1:])
+        return x + out.transpose(1, 2)
+
+
+def _attention_block(channels: int, context_dim: int, cfg: UNet1DConfig) -> CrossAttnBlock1D | None:
+    if not cfg.cross_attention:
+        return None
+    return CrossAttnBlock1D(channels, context_dim, cfg.attn_heads, cfg.gated_dynamic_context)
 
 
 class _DownLevel(nn.Module):
@@ -218,7 +238,7 @@ class _DownLevel(nn.Module):
         super().__init__()
         self.res1 = FiLMResBlock1D(in_ch, out_ch, cond_dim, cfg.kernel_size, cfg.n_groups)
         self.res2 = FiLMResBlock1D(out_ch, out_ch, cond_dim, cfg.kernel_size, cfg.n_groups)
-        self.attn = CrossAttnBlock1D(out_ch, ctx, cfg.attn_heads) if cfg.cross_attention else None
+        self.attn = _attention_block(out_ch, ctx, cfg)
         self.down = nn.Identity() if last else Conv1d(out_ch, out_ch, 3, stride=2, padding=1)
 
 
@@ -228,7 +248,7 @@ class _UpLevel(nn.Module):
         self.up = Upsample1d(in_ch, out_ch)
         self.res1 = FiLMResBlock1D(2 * out_ch, out_ch, cond_dim, cfg.kernel_size, cfg.n_groups)
         self.res2 = FiLMResBlock1D(out_ch, out_ch, cond_dim, cfg.kernel_size, cfg.n_groups)
-        self.attn = CrossAttnBlock1D(out_ch, ctx, cfg.attn_heads) if cfg.cross_attention else None
+        self.attn = _attention_block(out_ch, ctx, cfg)
 
 
 class CrossAttnUNet1D(nn.Module):
@@ -267,7 +287,7 @@ class CrossAttnUNet1D(nn.Module):
         )
         mid = dims[-1]
         self.mid1 = FiLMResBlock1D(mid, mid, cond_dim, cfg.kernel_size, cfg.n_groups)
-        self.mid_attn = CrossAttnBlock1D(mid, context_dim, cfg.attn_heads) if cfg.cross_attention else None
+        self.mid_attn = _attention_block(mid, context_dim, cfg)
         self.mid2 = FiLMResBlock1D(mid, mid, cond_dim, cfg.kernel_size, cfg.n_groups)
         # ups[j] goes from level j+1 to level j; applied deepest first.
         self.ups = nn.ModuleList(

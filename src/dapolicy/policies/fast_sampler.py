@@ -131,10 +131,15 @@ class PolicyStep:
         static = split_fused_kv(F.linear(unet.context_norm(tokens), self.kv_weight, self.kv_bias), layers)
         self.static = [t for kv in static for t in kv]
         self.null = self.static
+        self.null_groups = 1  # key/value groups per attention layer in `null`
         if policy_net.with_next_obs:  # null next observation: a constant group, merged with the static one once
             null = cached("null_next", lambda: split_fused_kv(
                 F.linear(unet.context_norm(policy_net.null_next[None]), self.kv_weight, self.kv_bias), layers))
-            self.null = [t for s, n in zip(static, null) for t in _cat_kv(s, _expand(n, b))]
+            if unet.cfg.gated_dynamic_context:  # its own softmax: the groups stay apart
+                self.null = [t for s, n in zip(static, null) for t in (*s, *_expand(n, b))]
+                self.null_groups = 2
+            else:
+                self.null = [t for s, n in zip(static, null) for t in _cat_kv(s, _expand(n, b))]
 
     def __call__(self, a: Tensor, step: int, z_hat: Tensor | None) -> Tensor:
         if z_hat is None:
@@ -143,7 +148,9 @@ class PolicyStep:
         return self.runner("policy_next", self.net, self.next_step, flat)
 
     def null_step(self, a: Tensor, *rest: Tensor) -> Tensor:
-        films, kvs = _pairs(rest[:self.n_films]), [[kv] for kv in _pairs(rest[self.n_films:])]
+        films, pairs = _pairs(rest[:self.n_films]), _pairs(rest[self.n_films:])
+        g = self.null_groups
+        kvs = [pairs[i:i + g] for i in range(0, len(pairs), g)]
         return self.unet.forward_prepared(a, films, kvs)
 
     def next_step(self, a: Tensor, z_hat: Tensor, *rest: Tensor) -> Tensor:
