@@ -262,3 +262,21 @@ def test_each_model_has_its_own_statistics_and_actions_are_mapped_between_them()
     fast = fast_sampler.predict(policy, dict(batch), True, "jacobi", 4, False, g())
     ref = fast_sampler.reference_predict(policy, dict(batch), True, "jacobi", 4, False, g())
     torch.testing.assert_close(fast[0], ref[0], atol=1e-5, rtol=1e-4)
+
+
+def test_default_training_next_observation_is_the_dynamics_estimate_never_the_ground_truth(monkeypatch):
+    """The defaults (chosen on validation seeds): 90% the frozen dynamics model's estimate, 10% null, no real
+    o_{t+k}: every next latent the policy sees is an estimate or null."""
+    policy = _policy().train()
+    assert policy.config.next_obs_mix.shares == (0.0, 0.9, 0.0, 0.1)
+    batch = _batch(32)
+    marker = 123.0
+    seen = []
+    monkeypatch.setattr(policy, "_dynamics_estimate", lambda sub: torch.full_like(sub["next_latents"], marker))
+    original = policy.policy_net.next_tokens
+    monkeypatch.setattr(policy.policy_net, "next_tokens",
+                        lambda z, b, null_mask=None: seen.append((z, null_mask)) or original(z, b, null_mask))
+    out = policy.compute_loss(batch, "policy")
+    (z, null), = seen
+    assert bool((z[~null] == marker).all())  # every non-null sample sees the estimate
+    assert "share_ground_truth" not in out and 0 < float(out["share_dynamics"]) < 1
