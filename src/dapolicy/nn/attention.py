@@ -40,7 +40,7 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(sinusoidal_embedding(tau, self.dim))
 
 
-def _split_heads(x: Tensor, heads: int) -> Tensor:
+def split_heads(x: Tensor, heads: int) -> Tensor:
     b, n, d = x.shape
     return x.view(b, n, heads, d // heads).transpose(1, 2)
 
@@ -58,7 +58,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        o = F.scaled_dot_product_attention(*(_split_heads(t, self.heads) for t in (q, k, v)))
+        o = F.scaled_dot_product_attention(*(split_heads(t, self.heads) for t in (q, k, v)))
         return self.out(o.transpose(1, 2).reshape(x.shape))
 
 
@@ -80,7 +80,7 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def kv(self, context: Tensor) -> KV:
-        return _split_heads(self.k(context), self.heads), _split_heads(self.v(context), self.heads)
+        return split_heads(self.k(context), self.heads), split_heads(self.v(context), self.heads)
 
     def forward(self, x: Tensor, context: Tensor | None = None, kv: list[KV] | None = None) -> Tensor:
         groups = list(kv or [])
@@ -93,7 +93,7 @@ class CrossAttention(nn.Module):
         else:
             k = torch.cat([g[0] for g in groups], dim=2)
             v = torch.cat([g[1] for g in groups], dim=2)
-        q = _split_heads(self.q(x), self.heads)
+        q = split_heads(self.q(x), self.heads)
         o = F.scaled_dot_product_attention(q, k, v)
         return self.out(o.transpose(1, 2).reshape(x.shape))
 
@@ -117,6 +117,6 @@ def split_fused_kv(projected: Tensor, layers: list[CrossAttention]) -> list[KV]:
         d = layer.q.out_features
         k = projected[..., start:start + d]
         v = projected[..., start + d:start + 2 * d]
-        out.append((_split_heads(k, layer.heads), _split_heads(v, layer.heads)))
+        out.append((split_heads(k, layer.heads), split_heads(v, layer.heads)))
         start += 2 * d
     return out

@@ -79,7 +79,7 @@ def sincos_2d_embedding(dim: int, grid_h: int, grid_w: int) -> Tensor:
     return emb.float()
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: per-sample affine of normalised tokens; x [B, N, D], shift/scale [B, D]."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -105,9 +105,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor, context: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.drop(self.attn(_modulate(self.norm1(x), shift1, scale1)))
+        x = x + gate1[:, None] * self.drop(self.attn(modulate(self.norm1(x), shift1, scale1)))
         x = x + self.drop(self.cross(self.norm_cross(x), context=context))
-        x = x + gate2[:, None] * self.drop(self.mlp(_modulate(self.norm2(x), shift2, scale2)))
+        x = x + gate2[:, None] * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
         return x
 
     def ada_params(self, cond: Tensor) -> tuple[Tensor, ...]:
@@ -135,7 +135,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         shift, scale = self.ada(cond).chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm(x), shift, scale))
+        return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class LatentDynamicsDiT(nn.Module):

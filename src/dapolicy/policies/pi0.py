@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dapolicy.flow import FlowConfig, flow_loss, sample_tau, training_pair
-from dapolicy.nn.attention import KV, _split_heads, sinusoidal_embedding
+from dapolicy.nn.attention import KV, sinusoidal_embedding, split_heads
 from dapolicy.nn.encoders import ResNetGN, ResNetGNConfig, random_shift
 from dapolicy.policies.base import (
     Capabilities,
@@ -155,7 +155,7 @@ class ExpertLayer(nn.Module):
     def project(self, x: Tensor) -> list[Tensor]:
         """Per-head [queries,] keys, values [B, heads, N, D / heads] of tokens x [B, N, D]."""
         parts = self.proj_in(self.norm1(x)).chunk(2 if self.kv_only else 3, dim=-1)
-        return [_split_heads(t, self.heads) for t in parts]
+        return [split_heads(t, self.heads) for t in parts]
 
     def finish(self, x: Tensor, attended: Tensor) -> Tensor:
         """Residual output projection of the attention result [B, heads, N, D / heads], then the MLP."""

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dapolicy.flow import FlowConfig, euler_step, extrapolate, flow_loss, sample_tau, time_grid, training_pair
 from dapolicy.nn.attention import SelfAttention, TimestepEmbedding
-from dapolicy.nn.dit import DiTConfig, FinalLayer, _modulate
+from dapolicy.nn.dit import DiTConfig, FinalLayer, modulate
 from dapolicy.nn.encoders import LatentPatchTokenizer
 from dapolicy.nn.vae import VAE, VAEConfig
 from dapolicy.policies.base import (
@@ -120,8 +120,8 @@ class JointBlock(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.drop(self.attn(_modulate(self.norm1(x), shift1, scale1)))
-        return x + gate2[:, None] * self.drop(self.mlp(_modulate(self.norm2(x), shift2, scale2)))
+        x = x + gate1[:, None] * self.drop(self.attn(modulate(self.norm1(x), shift1, scale1)))
+        return x + gate2[:, None] * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class JointVideoActionTransformer(nn.Module):
