@@ -93,3 +93,23 @@ def test_a_base_run_without_suites_trains_only_when_asked(smoke, tmp_path):
     assert cli_main(["benchmark", str(folder / "suite2.toml"), "--work", str(work), "--only", "base",
                      "--train-only", "--quiet", "--threads", "1"]) == 0
     assert bm._finished(work / "runs" / "base" / "button" / "s0")
+
+
+def test_markdown_puts_in_distribution_first_and_averages_the_ood_suites():
+    """Columns follow the protocol (none, then the OOD suites, then extras such as blind); "OOD mean" is the mean
+    of a method's per-suite rates over the protocol's OOD suites, only where it has all of them."""
+    suite = bm.load_suite(SMOKE)
+    suite.protocol.suites = ["none", "light:2", "distractor:2"]
+
+    def cell(method, kind, successes):
+        return {"method": method, "task": next(iter(suite.tasks)), "seed": 0, "suite": kind, "successes": successes,
+                "episodes": 10, "success_rate": successes / 10, "ci95": [0.0, 1.0], "latency_p50_ms": 5.0}
+
+    cells = [cell("dap", "blind", 1), cell("dap", "distractor:2", 2), cell("dap", "none", 5), cell("dap", "light:2", 4),
+             cell("fm", "none", 6), cell("fm", "light:2", 3)]
+    table = bm.markdown_table(cells, suite, "test")
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    assert header == "| method | none | light:2 | distractor:2 | blind | OOD mean | p50 ms |"
+    dap = next(line for line in table.splitlines() if line.startswith("| dap |"))
+    fm = next(line for line in table.splitlines() if line.startswith("| fm |"))
+    assert dap.split(" | ")[-2] == "30.0%" and fm.split(" | ")[-2] == "-"
