@@ -213,7 +213,6 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
     other_ids = np.roll(ids, len(ids) // 2)
     for start in tqdm(range(0, len(ids), batch_size), desc="diagnose", disable=not progress, unit="batch"):
         batch = sampler.gather(data.arrays(), ids[start:start + batch_size])
-        other_actions = sampler.gather({"action": data.action}, other_ids[start:start + batch_size])["action"]
         obs = {"images": batch["images"], "proprio": batch["proprio"]}
         with torch.no_grad():
             pred = policy.predict_chunk(obs, return_next=with_frames, return_trace=True, **kwargs)
@@ -234,11 +233,12 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
             psnr_real.append(_capped_psnr(decoded, real[None]))
             psnr_final.append(_capped_psnr(decoded, final[None]))
             final_psnr_real.append(_capped_psnr(final, real))
-            for key, value in _frame_baselines(policy, obs, batch, other_actions, real, seed + start).items():
+            other = sampler.gather({"action": data.action, "images": data.images},
+                                   other_ids[start:start + batch_size])  # one gather for both references
+            for key, value in _frame_baselines(policy, obs, batch, other["action"], real, seed + start).items():
                 baselines[key].append(value)
             if hasattr(policy, "act_given_next"):
-                other_next = sampler.gather({"images": data.images}, other_ids[start:start + batch_size])
-                for key, value in _next_obs_reliance(policy, obs, real, np.asarray(other_next["next_images"]),
+                for key, value in _next_obs_reliance(policy, obs, real, np.asarray(other["next_images"]),
                                                      demo, valid, seed + start).items():
                     reliance[key].append(value)
             if start == 0:

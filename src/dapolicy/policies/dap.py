@@ -8,7 +8,7 @@ scaled VAE latents.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -158,6 +158,18 @@ class DAPPolicy(FMPolicy):
             null[use_roll] = first
         return next_latents, null
 
+    def _policy_velocity(self, tokens: Tensor, b: int) -> Callable[[Tensor, float, Tensor | None], Tensor]:
+        """The policy network as the velocity function `coupling.py` takes, its observation keys/values
+        projected once (the plain path, for training-time rollouts and diagnostics; inference uses the fast
+        sampler)."""
+        context = self.policy_net.unet.prepare_context(tokens)
+
+        def policy_velocity(a: Tensor, t: float, z_hat: Tensor | None) -> Tensor:
+            return self.policy_net.unet(a, torch.full((b,), t, device=a.device), static=context,
+                                        dynamic_tokens=self.policy_net.next_tokens(z_hat, b))
+
+        return policy_velocity
+
     @torch.no_grad()
     def _rollout_estimate(self, batch: Mapping[str, Tensor], tokens: Tensor, a_noise: Tensor, tau: Tensor,
                           z_noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -174,11 +186,7 @@ class DAPPolicy(FMPolicy):
         scale, shift = self.policy_to_dynamics_action()
         was_training = self.policy_net.training
         self.policy_net.eval()
-        context = self.policy_net.unet.prepare_context(tokens)
-
-        def policy_velocity(a: Tensor, t: float, z_hat: Tensor | None) -> Tensor:
-            return self.policy_net.unet(a, torch.full((b,), t, device=a.device), static=context,
-                                        dynamic_tokens=self.policy_net.next_tokens(z_hat, b))
+        policy_velocity = self._policy_velocity(tokens, b)
 
         def dynamics_velocity(z: Tensor, t: float, a_hat: Tensor | None) -> Tensor:
             a_dyn = None if a_hat is None else a_hat * scale + shift
@@ -240,12 +248,7 @@ class DAPPolicy(FMPolicy):
             if frames.shape != expected:
                 raise ValueError(f"next_images must be {list(expected)}, got {list(frames.shape)}")
             z_cond = self.encode_latents(frames)
-        context = self.policy_net.unet.prepare_context(self.observation_tokens(batch, augment=False))
-
-        def policy_velocity(a: Tensor, t: float, z_hat: Tensor | None) -> Tensor:
-            return self.policy_net.unet(a, torch.full((b,), t, device=a.device), static=context,
-                                        dynamic_tokens=self.policy_net.next_tokens(z_hat, b))
-
+        policy_velocity = self._policy_velocity(self.observation_tokens(batch, augment=False), b)
         shape = (b, self.config.horizon, self.spec.action_dim)
         a0 = torch.randn(shape, generator=generator).to(self.device)
         a = sample_policy(policy_velocity, a0, steps or self.config.flow.steps, z_cond)
