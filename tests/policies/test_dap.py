@@ -194,6 +194,20 @@ def test_named_configs_build_and_paper_is_paper_sized():
     assert counts["tiny"] < 1_000_000 < counts["small"] < 30_000_000
 
 
+def test_small_policies_read_current_images_with_the_end_to_end_resnet():
+    """The CPU default chosen on validation (docs/results.md §1): DAP and FM tokenise the current images with
+    a 16-wide ResNet-GN trained on the task, and DAP's VAE still encodes the frames its dynamics model predicts."""
+    from dapolicy.info import default_spec
+
+    for method in ("dap", "fm"):
+        config = make_config(method, "small")
+        assert (config.obs_encoder, config.resnet.width) == ("resnet", 16)
+        policy = make_policy(method, default_spec(), config)
+        assert "images" in policy.stage_spec("policy").inputs, method
+    assert "vae" in make_policy("dap", default_spec(), make_config("dap", "small")).stage_names
+    assert make_config("dap", "tiny").obs_encoder == "vae"
+
+
 def test_paper_config_has_paper_scale_parameter_count():
     """`dap info --config paper` must report 330-410M trainable parameters (the paper: 369M)."""
     from dapolicy.info import default_spec
