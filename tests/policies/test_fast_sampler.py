@@ -105,9 +105,12 @@ def test_fast_sampler_matches_the_reference(method, mode, run):
 
 
 @pytest.mark.parametrize("mode", ["jacobi", "off"])
-def test_resnet_encoder_and_batch_one(mode):
+@pytest.mark.parametrize("run", ["eager", "traced_parallel"])
+def test_resnet_encoder_and_batch_one(mode, run):
+    """The `small` default encoder; in parallel Jacobi its ResNet and the VAE run side by side."""
     policy = _policy("dap", obs_encoder="resnet")
-    fast_sampler.set_options(policy, trace="off", parallel="off")
+    setting = "off" if run == "eager" else "on"
+    fast_sampler.set_options(policy, trace=setting, parallel=setting)
     obs = _obs(1, seed=2)
     a_ref, z_ref, _ = _reference(policy, obs, mode, seed=1)
     a, z, _ = _fast(policy, obs, mode, seed=1)

@@ -499,6 +499,29 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _encode_observation(policy: Any, batch: dict[str, Tensor], dynamics_needs_latents: bool,
+                        concurrent: Concurrent | None) -> tuple[Tensor, Tensor | None]:
+    """(the policy's observation tokens, the current latents the dynamics model starts from, or None).
+
+    With the "vae" encoder both come from one VAE pass. With "resnet" the VAE encodes only the last frame, for
+    the dynamics model, and runs beside the ResNet when a Jacobi step's worker is available.
+    """
+    if policy.config.obs_encoder == "vae":
+        batch = {**batch, "latents": policy.encode_latents(batch["images"])}
+        return policy.observation_tokens(batch, augment=False), batch["latents"][:, -1]
+
+    def tokens() -> Tensor:
+        return policy.observation_tokens(batch, augment=False)
+
+    if not dynamics_needs_latents:
+        return tokens(), None
+
+    def latents() -> Tensor:
+        return policy.encode_latents(batch["images"][:, -1])
+
+    return concurrent.both(tokens, latents) if concurrent is not None else (tokens(), latents())
+
+
 def predict(policy: Any, batch: dict[str, Tensor], return_next: bool, mode: str, steps: int, return_trace: bool,
             generator: torch.Generator | None) -> tuple[Tensor, Tensor | None, dict | None]:
     """Sample one chunk for an FM or DAP policy on a validated batch.
@@ -521,13 +544,7 @@ def predict(policy: Any, batch: dict[str, Tensor], return_next: bool, mode: str,
     threads = _threads_per_model(options, dev, b, parallel)
     concurrent = Concurrent(dev, threads or 1) if parallel else None
     with torch.inference_mode(), _intra_op_threads(threads):
-        current = None
-        if policy.config.obs_encoder == "vae":
-            batch = {**batch, "latents": policy.encode_latents(batch["images"])}
-            current = batch["latents"][:, -1]
-        elif coupled and mode != "off":  # the dynamics model needs the current latents only
-            current = policy.encode_latents(batch["images"][:, -1])
-        tokens = policy.observation_tokens(batch, augment=False)
+        tokens, current = _encode_observation(policy, batch, coupled and mode != "off", concurrent)
         taus = torch.tensor(time_grid(steps), device=dev)
         z0 = None
         if coupled:
