@@ -294,3 +294,27 @@ def test_video_helpers(tmp_path):
     assert path.exists() and path.suffix == (".mp4" if video.has_ffmpeg() else ".gif")
     with pytest.raises(ValueError):
         video.write_video([], tmp_path / "empty.gif")
+
+
+def test_workers_give_the_records_of_one_process(tmp_path, real_spec):
+    """Episodes in 2 spawned processes: the same per-episode results (seeded by episode), videos and chunk count."""
+    from dapolicy.policies import make_policy
+
+    torch.manual_seed(0)
+    make_policy("dap", real_spec, size="tiny").save_pretrained(tmp_path / "run" / "model")
+    common = dict(episodes=3, videos=1, max_steps=12, threads=1, progress=False)
+    one = ev.evaluate(tmp_path / "run", out_dir=tmp_path / "one", **common)
+    two = ev.evaluate(tmp_path / "run", out_dir=tmp_path / "two", workers=2, **common)
+    fields = ("episode", "seed", "success", "steps", "score")
+    assert [[r[f] for f in fields] for r in two["episodes"]] == [[r[f] for f in fields] for r in one["episodes"]]
+    assert two["latency_ms"]["n"] == one["latency_ms"]["n"] and two["settings"]["workers"] == 2
+    assert [p.split("/")[-1] for p in two["videos"]] == [p.split("/")[-1] for p in one["videos"]]
+    assert all((tmp_path / "two" / "videos" / p.split("/")[-1]).is_file() for p in two["videos"])
+
+
+def test_workers_argument_is_checked(tmp_path):
+    policy, factory, _ = line_setup()
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        ev.evaluate(tmp_path, episodes=1, workers=0, policy=policy, env_factory=factory)
+    with pytest.raises(ValueError, match="pass run_dir, not policy"):
+        ev.evaluate(tmp_path, episodes=1, workers=2, policy=policy, env_factory=factory)

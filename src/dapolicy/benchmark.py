@@ -227,9 +227,9 @@ class Runner:
     """Collects, trains and evaluates the cells of one suite in a work folder; skips what is done."""
 
     def __init__(self, suite: Suite, work: Path, threads: int | None = None, progress: bool = True,
-                 device: str = "cpu", env_factory: Callable[..., Any] | None = None) -> None:
+                 device: str = "cpu", env_factory: Callable[..., Any] | None = None, workers: int = 1) -> None:
         self.suite, self.work, self.threads, self.progress = suite, Path(work), threads, progress
-        self.device, self.env_factory = device, env_factory
+        self.device, self.env_factory, self.workers = device, env_factory, workers
 
     def data_dir(self, task: str) -> Path:
         return self.work / "data" / task
@@ -294,7 +294,7 @@ class Runner:
         result = evaluate(run, episodes=p.episodes, ood=cell.suite, seed=seed, videos=0, mode=v.mode,
                           flow_steps=v.flow_steps, max_steps=self.suite.tasks[cell.task].max_steps,
                           out_dir=run / "eval_benchmark", name=f"{cell.split}_{cell.suite.replace(':', '@')}",
-                          progress=self.progress, **kwargs)
+                          progress=self.progress, workers=self.workers, **kwargs)
         state = json.loads((run / "state.json").read_text())
         train_seconds = sum(float(s.get("seconds") or 0) for s in state.get("summaries", {}).values())
         from dapolicy.evaluate import load_policy
@@ -490,10 +490,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-only", action="store_true",
                    help="train (or resume) the selected runs without evaluating, e.g. a shared base run")
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether each is done")
-    from dapolicy.cli_options import add_device, add_quiet, add_threads
+    from dapolicy.cli_options import add_device, add_quiet, add_threads, add_workers
 
     add_threads(p, None, "training's auto rule, the cores the load average leaves free")
     add_device(p, "training runs (evaluation stays on cpu)")
+    add_workers(p)
     add_quiet(p)
 
 
@@ -514,7 +515,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'done ' if cell_path(suite, c).is_file() else 'todo '} {c.file_name} ({c.split})")
         return 0
     work = Path(args.work) if args.work else Path("runs") / "benchmarks" / suite.name
-    runner = Runner(suite, work, threads=args.threads, progress=not args.quiet, device=args.device)
+    runner = Runner(suite, work, threads=args.threads, progress=not args.quiet, device=args.device,
+                    workers=args.workers)
     try:
         if args.train_only:
             for variant, task, seed in plan_trainings(suite, _csv_list(args.only), _csv_list(args.tasks),

@@ -2,6 +2,7 @@
 
     --device   where the model runs: auto (a GPU if visible, else cpu), cpu, cuda, cuda:N
     --threads  torch CPU threads (evaluation-type commands default to 1: OpenMP threads stall on a shared CPU)
+    --workers  evaluation episodes in N processes at once (eval, benchmark, quickstart)
     --quiet    no progress bars
     --seed     the seed of what the command draws (each command says what)
     --out      where the command writes (each command says what)
@@ -44,6 +45,13 @@ def add_threads(p: argparse.ArgumentParser | Any, default: int | None, what: str
 #: stall badly when another job loads the cores, and one thread per process is what their numbers were made with.
 EVAL_THREADS = 1
 EVAL_THREADS_HELP = "1; torch's OpenMP threads stall on a shared machine, so raise it only on an idle one"
+
+
+def add_workers(p: argparse.ArgumentParser | Any) -> None:
+    """--workers: evaluation episodes side by side in that many processes (the simulator runs on one core)."""
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="run episodes in N processes at once, each with --threads torch threads; the same results "
+                        "as one process, faster where the simulator is the bottleneck (default 1)")
 
 
 def add_quiet(p: argparse.ArgumentParser | Any, *aliases: str) -> None:

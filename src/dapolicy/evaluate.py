@@ -170,10 +170,16 @@ class RecedingHorizonController:
         Decoding the predicted frames is only for the videos and is not needed to act, so it would bias
         the latency. Returns (summary, whether the summary includes decoding).
         """
-        plain = [ms for ms, dec in self.latencies if not dec]
-        if plain:
-            return latency_summary(plain), False
-        return latency_summary([ms for ms, _ in self.latencies]), bool(self.latencies)
+        return summarize_latencies(self.latencies)
+
+
+def summarize_latencies(latencies: Sequence[tuple[float, bool]]) -> tuple[dict[str, Any], bool]:
+    """(summary, includes decoding) of (ms, decoded next frames) pairs: chunks that decoded frames for the
+    videos are left out when there are others (decoding is not needed to act)."""
+    plain = [ms for ms, dec in latencies if not dec]
+    if plain:
+        return latency_summary(plain), False
+    return latency_summary([ms for ms, _ in latencies]), bool(latencies)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -216,6 +222,14 @@ def _episode_frame(obs: dict[str, Any], cameras: Sequence[str], predicted: np.nd
                          predicted_label=f"predicted o(t+{offset})")
 
 
+@dataclass(frozen=True)
+class Parallelism:
+    """Episodes side by side: `workers` processes with `threads` torch threads each (1 = in this process)."""
+
+    workers: int = 1
+    threads: int = 1
+
+
 @dataclass
 class Rollouts:
     """What `run_episodes` measured: per-episode records, per-chunk latency, written videos."""
@@ -226,53 +240,71 @@ class Rollouts:
     videos: list[str]
 
 
+@dataclass(frozen=True)
+class EpisodePlan:
+    """What every episode of one suite shares: seeds, limits, sampling settings and where videos go."""
+
+    seed: int
+    max_steps: int
+    videos: int = 0
+    video_dir: Path | None = None
+    video_prefix: str = "episode"
+
+
+def run_one_episode(controller: RecedingHorizonController, env: Env, spec: EnvSpec, i: int,
+                    plan: EpisodePlan) -> tuple[dict[str, Any], str | None]:
+    """Episode i (env seed `plan.seed + i`) -> (its record, its video path or None)."""
+    import torch
+
+    from dapolicy.video import video_suffix, write_video
+
+    ep_seed = plan.seed + i
+    # Seed the policy's sampling noise per episode: results do not depend on episode order or process.
+    torch.manual_seed(ep_seed)
+    np.random.seed(ep_seed % 2**32)
+    record_video = i < plan.videos and plan.video_dir is not None
+    show_prediction = controller.can_predict_next
+    controller.reset()
+    obs = env.reset(ep_seed)
+    frames: list[np.ndarray] = []
+    success, score, n_steps = False, 0.0, 0
+    for _ in range(plan.max_steps):
+        action = controller.act(obs, want_next=record_video)
+        if record_video:
+            frames.append(_episode_frame(obs, spec.cameras, controller.last_next_frames, show_prediction,
+                                         controller.dims.next_obs_offset, n_steps))
+        obs, result = env.step(action)
+        n_steps += 1
+        score = max(score, float(result.score))
+        success = success or bool(result.success)
+        if success or result.done:
+            break
+    path = None
+    if record_video:
+        frames.append(_episode_frame(obs, spec.cameras, controller.last_next_frames, show_prediction,
+                                     controller.dims.next_obs_offset, n_steps))
+        path = str(write_video(frames, plan.video_dir / f"{plan.video_prefix}_ep{i:03d}_seed{ep_seed}{video_suffix()}"))
+    return {"episode": i, "seed": ep_seed, "success": success, "steps": n_steps, "score": score}, path
+
+
 def run_episodes(policy: Any, env: Env, spec: EnvSpec, episodes: int, seed: int, max_steps: int,
                  mode: str | None = None, steps: int | None = None, videos: int = 0,
                  video_dir: Path | None = None, video_prefix: str = "episode",
                  progress: bool = True, desc: str = "eval") -> Rollouts:
     """Roll out `episodes` seeded episodes (env seed `seed + i`), writing videos of the first `videos`."""
-    import torch
     from tqdm.auto import tqdm
 
-    from dapolicy.video import video_suffix, write_video
-
+    plan = EpisodePlan(seed, max_steps, videos, video_dir, video_prefix)
     controller = RecedingHorizonController(policy, spec, mode=mode, steps=steps)
-    show_prediction = controller.can_predict_next
-    controller.warm_up(env.reset(seed), want_next=show_prediction and videos > 0)
-
+    controller.warm_up(env.reset(seed), want_next=controller.can_predict_next and videos > 0)
     records: list[dict[str, Any]] = []
     video_paths: list[str] = []
-    n_success = 0
     bar = tqdm(range(episodes), desc=desc, disable=not progress, unit="ep")
     for i in bar:
-        ep_seed = seed + i
-        # Seed the policy's sampling noise per episode: results do not depend on episode order.
-        torch.manual_seed(ep_seed)
-        np.random.seed(ep_seed % 2**32)
-        record_video = i < videos and video_dir is not None
-        controller.reset()
-        obs = env.reset(ep_seed)
-        frames: list[np.ndarray] = []
-        success, score, n_steps = False, 0.0, 0
-        for _ in range(max_steps):
-            action = controller.act(obs, want_next=record_video)
-            if record_video:
-                frames.append(_episode_frame(obs, spec.cameras, controller.last_next_frames, show_prediction,
-                                             controller.dims.next_obs_offset, n_steps))
-            obs, result = env.step(action)
-            n_steps += 1
-            score = max(score, float(result.score))
-            success = success or bool(result.success)
-            if success or result.done:
-                break
-        if record_video:
-            frames.append(_episode_frame(obs, spec.cameras, controller.last_next_frames, show_prediction,
-                                         controller.dims.next_obs_offset, n_steps))
-            path = write_video(frames, video_dir / f"{video_prefix}_ep{i:03d}_seed{ep_seed}{video_suffix()}")
-            video_paths.append(str(path))
-        n_success += int(success)
-        records.append({"episode": i, "seed": ep_seed, "success": success, "steps": n_steps, "score": score})
-        bar.set_postfix(success=f"{n_success}/{i + 1}")
+        record, path = run_one_episode(controller, env, spec, i, plan)
+        records.append(record)
+        video_paths += [path] if path else []
+        bar.set_postfix(success=f"{sum(r['success'] for r in records)}/{i + 1}")
     latency, includes_decode = controller.latency_report()
     return Rollouts(records, latency, includes_decode, video_paths)
 
@@ -281,7 +313,7 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
              env: str | None = None, videos: int = 3, mode: str | None = None, flow_steps: int | None = None,
              max_steps: int | None = None, out_dir: str | Path | None = None, name: str | None = None,
              policy: Any = None, env_factory: EnvFactory | None = None, progress: bool = True,
-             device: str | None = "cpu", threads: int | None = None) -> dict[str, Any]:
+             device: str | None = "cpu", threads: int | None = None, workers: int = 1) -> dict[str, Any]:
     """Evaluate the policy of `run_dir` (a run folder or a model folder) and write `<out_dir>/<name>.json`.
 
     threads: torch CPU threads while evaluating (None = torch's setting); restored afterwards.
@@ -296,6 +328,8 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
     max_steps: episode length limit; default the task's `spec.max_steps`.
     policy: an already loaded policy (skips loading); env_factory: replaces `make_env` (tests).
     device: where a loaded policy runs ("cpu", "cuda", "auto").
+    workers: processes that run episodes side by side (`parallel_eval`), each with `threads` (or 1) torch
+        threads; the same records as one process. Needs a saved model (run_dir), not an in-memory `policy`.
     """
     from dapolicy.runtime import torch_threads
 
@@ -305,6 +339,11 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
         raise ValueError(f"episodes must be >= 1 (--episodes), got {episodes}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 (--threads), got {threads}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1 (--workers), got {workers}")
+    if workers > 1 and policy is not None:
+        raise ValueError("workers > 1 loads the model from its folder in every worker: pass run_dir, not policy")
+    parallel = Parallelism(workers, threads or 1)
     out = Path(out_dir) if out_dir is not None else default_output_dir(run_dir, "eval")
     with torch_threads(threads):
         if policy is None:
@@ -312,14 +351,15 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
         check_mode(policy, mode)
         if ood == "all":
             return _evaluate_all(run_dir, episodes, seed, env, videos, mode, flow_steps, max_steps, out, policy,
-                                 env_factory, progress)
+                                 env_factory, progress, parallel)
         return _evaluate_one(run_dir, episodes, ood, seed, env, videos, mode, flow_steps, max_steps, out, name,
-                             policy, env_factory, progress)
+                             policy, env_factory, progress, parallel=parallel)
 
 
 def _evaluate_one(run_dir: str | Path, episodes: int, ood: str, seed: int, env: str | None, videos: int,
                   mode: str | None, flow_steps: int | None, max_steps: int | None, out: Path, name: str | None,
-                  policy: Any, env_factory: EnvFactory, progress: bool, note_env: bool = True) -> dict[str, Any]:
+                  policy: Any, env_factory: EnvFactory, progress: bool, note_env: bool = True,
+                  parallel: Parallelism | None = None) -> dict[str, Any]:
     """One suite of `evaluate` (its arguments checked, the policy loaded); note_env: say so when the env is
     another task than the model's (once per command, not once per suite)."""
 
@@ -339,9 +379,17 @@ def _evaluate_one(run_dir: str | Path, episodes: int, ood: str, seed: int, env: 
                   f"the same observation and action shapes")
         limit = max_steps if max_steps is not None else environment.spec.max_steps
         start = time.perf_counter()
-        rollouts = run_episodes(
-            policy, environment, spec, episodes, seed, limit, mode=mode, steps=flow_steps, videos=videos,
-            video_dir=out / "videos", video_prefix=name, progress=progress, desc=f"eval {name}")
+        if parallel is not None and parallel.workers > 1:
+            from dapolicy.parallel_eval import WorkerSetup, run_episodes_in_workers
+
+            setup = WorkerSetup(str(resolve_model_dir(run_dir)), _policy_device(policy), parallel.threads,
+                                env_factory, env_name, ood, mode, flow_steps,
+                                EpisodePlan(seed, limit, videos, out / "videos", name))
+            rollouts = run_episodes_in_workers(setup, episodes, parallel.workers, progress, desc=f"eval {name}")
+        else:
+            rollouts = run_episodes(
+                policy, environment, spec, episodes, seed, limit, mode=mode, steps=flow_steps, videos=videos,
+                video_dir=out / "videos", video_prefix=name, progress=progress, desc=f"eval {name}")
         wall = time.perf_counter() - start
     finally:
         environment.close()
@@ -372,6 +420,7 @@ def _evaluate_one(run_dir: str | Path, episodes: int, ood: str, seed: int, env: 
             "flow_steps": flow_steps or getattr(flow_cfg, "steps", None),
             "videos": videos, **asdict(dims), "image_size": spec.image_size, "cameras": list(spec.cameras),
             "model_dir": str(_model_dir_or_none(run_dir)), "device": _policy_device(policy),
+            "workers": parallel.workers if parallel is not None else 1,
         },
         "episodes": records,
         "videos": rollouts.videos,
@@ -420,12 +469,12 @@ def _note(message: str) -> None:
 
 def _evaluate_all(run_dir: str | Path, episodes: int, seed: int, env: str | None, videos: int,
                   mode: str | None, flow_steps: int | None, max_steps: int | None, out: Path, policy: Any,
-                  env_factory: EnvFactory, progress: bool) -> dict[str, Any]:
+                  env_factory: EnvFactory, progress: bool, parallel: Parallelism) -> dict[str, Any]:
     """Every OOD suite on the same seeds, then a summary table (JSON and Markdown)."""
     from dapolicy.atomic import write_json_atomic
 
     suites = {kind: _evaluate_one(run_dir, episodes, kind, seed, env, videos, mode, flow_steps, max_steps, out,
-                                  None, policy, env_factory, progress, note_env=i == 0)
+                                  None, policy, env_factory, progress, note_env=i == 0, parallel=parallel)
               for i, kind in enumerate(OOD_SUITE)}
     rows = [{"ood": k, "success_rate": r["success_rate"], "ci95": r["ci95"], "mean_score": r["mean_score"],
              "n_episodes": r["n_episodes"], "latency_p50_ms": r["latency_ms"]["p50"]} for k, r in suites.items()]
@@ -468,6 +517,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="result file name (default: suite [+ mode, steps])")
     opt.add_device(parser)
     opt.add_threads(parser, opt.EVAL_THREADS, opt.EVAL_THREADS_HELP)
+    opt.add_workers(parser)
     opt.add_quiet(parser)
 
 
@@ -475,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(args.run, episodes=args.episodes, ood=args.ood, seed=args.seed, env=args.env,
                       videos=args.videos, mode=args.mode, flow_steps=args.flow_steps, max_steps=args.max_steps,
                       out_dir=args.out, name=args.name, device=args.device, threads=args.threads,
-                      progress=not args.quiet)
+                      workers=args.workers, progress=not args.quiet)
     out = Path(args.out) if args.out else default_output_dir(args.run, "eval")
     if "suites" in result:
         print(format_table(result["summary"]))

@@ -38,6 +38,8 @@ class QuickstartConfig:
     ood: the suites to evaluate.
     threads: torch threads (None = every core: the quickstart assumes the machine is otherwise idle; use 1 when
         other jobs load it, since torch's threads stall badly under CPU contention).
+    workers: evaluation processes running episodes side by side (None = one per core, at most 4; the
+        simulator renders on one core), each with threads / workers torch threads. Same results as 1.
     device: where training, evaluation and diagnosis run ("auto": a GPU if visible, else cpu).
     """
 
@@ -53,6 +55,7 @@ class QuickstartConfig:
     ood: tuple[str, ...] = ("none", "light", "distractor", "novel_object")
     seed: int = 0
     threads: int | None = None
+    workers: int | None = None
     device: str = "auto"
     videos: int = 2
     timings: dict[str, float] = field(default_factory=dict)
@@ -129,6 +132,7 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig | None = None, progres
     _check_steps(cfg)
     make_env(cfg.env, image_size=cfg.image_size).close()
     threads = cfg.threads or os.cpu_count() or 1
+    workers = cfg.workers or max(1, min(4, os.cpu_count() or 1))
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
     _check_out_dir(out, cfg, overwrite)
@@ -158,7 +162,8 @@ def run_quickstart(out: str | Path, cfg: QuickstartConfig | None = None, progres
     results = {}
     for kind in cfg.ood:
         results[kind] = phase(f"eval {kind}", evaluate, run_dir, episodes=cfg.eval_episodes, ood=kind,
-                              videos=cfg.videos, progress=progress, threads=threads, device=cfg.device)
+                              videos=cfg.videos, progress=progress, threads=max(1, threads // workers),
+                              workers=workers, device=cfg.device)
     diag = phase("diagnose", diagnose, run_dir, windows=32, progress=progress, device=cfg.device)
 
     summary = {
@@ -260,6 +265,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=positive_int, default=d.image_size,
                    help=f"camera image side (default {d.image_size})")
     add_threads(p, None, "all cores: the quickstart assumes an idle machine; use 1 when other jobs load it")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="evaluation processes running episodes side by side (default: one per core, at most 4)")
     add_device(p, "training, evaluation and diagnosis run")
     add_seed(p, d.seed, f"collection and training seed (default {d.seed})")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out folder and start over")
@@ -270,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = QuickstartConfig(env=args.env, expert_episodes=args.expert_episodes,
                            random_episodes=args.random_episodes, config=args.config, method=args.method,
                            steps=args.steps, eval_episodes=args.eval_episodes, image_size=args.image_size,
-                           threads=args.threads, seed=args.seed, device=args.device)
+                           threads=args.threads, workers=args.workers, seed=args.seed, device=args.device)
     try:
         run_quickstart(args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     except KeyboardInterrupt:
