@@ -88,6 +88,8 @@ def test_one_flag_vocabulary() -> None:
     assert _defaults("train")["threads"] is None  # train keeps its auto rule
     for command in ("train", "eval", "diagnose", "robustness", "collect", "quickstart", "benchmark", "import"):
         assert _defaults(command)["quiet"] is False, command
+    for command in ("eval", "robustness", "benchmark", "quickstart"):  # episodes side by side in processes
+        assert "workers" in _defaults(command), command
     for command in ("train", "eval", "diagnose", "robustness", "collect", "quickstart", "render-ood", "serve"):
         assert "seed" in _defaults(command), command
     for command in ("train", "eval", "diagnose", "robustness", "collect", "quickstart", "render-ood", "bench",

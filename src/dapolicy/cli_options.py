@@ -2,7 +2,7 @@
 
     --device   where the model runs: auto (a GPU if visible, else cpu), cpu, cuda, cuda:N
     --threads  torch CPU threads (evaluation-type commands default to 1: OpenMP threads stall on a shared CPU)
-    --workers  evaluation episodes in N processes at once (eval, benchmark, quickstart)
+    --workers  evaluation episodes in N processes at once (eval, robustness, benchmark, quickstart)
     --quiet    no progress bars
     --seed     the seed of what the command draws (each command says what)
     --out      where the command writes (each command says what)

@@ -64,11 +64,12 @@ def run_label(run: str | Path, method: str) -> str:
 def robustness(runs: Sequence[str | Path], kind: str, strengths: Sequence[float], episodes: int,
                out: str | Path, seed: int | None = None, env: str | None = None, max_steps: int | None = None,
                device: str | None = "cpu", policies: Sequence[Any] | None = None, env_factory: Any = None,
-               progress: bool = True, threads: int | None = None) -> dict[str, Any]:
+               progress: bool = True, threads: int | None = None, workers: int = 1) -> dict[str, Any]:
     """Evaluate every run at every strength of `kind`, then write `out` (PNG) and `out` with .json.
 
     policies: already loaded policies, one per run (tests); env_factory: replaces `make_env` (tests).
     threads: torch CPU threads meanwhile (None = torch's setting; restored afterwards).
+    workers: processes running episodes side by side (`dap eval --workers`); > 1 needs run folders, not policies.
     Returns the JSON's content: per run, one point per strength (success, Wilson 95% interval, score).
     """
     from dapolicy.atomic import write_json_atomic
@@ -100,8 +101,8 @@ def robustness(runs: Sequence[str | Path], kind: str, strengths: Sequence[float]
             for s in strengths:
                 ood = f"{kind}:{s:g}"
                 result = evaluate(run, episodes=episodes, ood=ood, seed=seed, env=env, videos=0,
-                                  max_steps=max_steps, name=f"{kind}@{s:g}", policy=policy, env_factory=env_factory,
-                                  progress=progress, device=device)
+                                  max_steps=max_steps, name=f"{kind}@{s:g}", policy=policy if workers == 1 else None,
+                                  env_factory=env_factory, progress=progress, device=device, workers=workers)
                 points.append({"strength": s, "n_success": result["n_success"], "n_episodes": result["n_episodes"],
                                "success_rate": result["success_rate"], "ci95": result["ci95"],
                                "mean_score": result["mean_score"]})
@@ -165,6 +166,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="episode step limit (default: the task's)")
     opt.add_device(parser)
     opt.add_threads(parser, opt.EVAL_THREADS, opt.EVAL_THREADS_HELP)
+    opt.add_workers(parser)
     opt.add_quiet(parser)
     opt.add_out(parser, "output PNG (a JSON with the numbers goes next to it)", required=True)
 
@@ -179,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"dap robustness: error: {err}", file=sys.stderr)
         return 2
     report = robustness(args.runs, kind, strengths, args.episodes, args.out, seed=args.seed, env=args.env,
-                        max_steps=args.max_steps, device=args.device, progress=not args.quiet, threads=args.threads)
+                        max_steps=args.max_steps, device=args.device, progress=not args.quiet, threads=args.threads,
+                        workers=args.workers)
     for curve in report["runs"]:
         cells = "  ".join(f"{p['strength']:g}: {p['success_rate']:.0%}" for p in curve["points"])
         print(f"{curve['label']}: {cells}")
