@@ -5,7 +5,8 @@ quarters on the quickstart task), and they run on one core. N workers run N epis
 spawned (no forked OpenMP or GL state), loads the model from its folder, builds its own environment and warms
 the sampler up once, then takes episodes one at a time from the pool's queue, so short (successful) episodes
 never leave a worker idle. Episode i is seeded by i alone (`evaluate.run_one_episode`), so the records equal a
-one-process run's at the same torch thread count.
+one-process run's at the same torch thread count. Chunk latency is timed inside the workers: with more workers
+than free cores it reads higher than one process's (`dap bench latency` is the speed reference).
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ _WORKER: dict[str, Any] = {}  # per worker process: the controller and env, buil
 def _worker_state(setup: WorkerSetup) -> dict[str, Any]:
     """Built on the first episode (not in a pool initializer, whose errors surface only as a broken pool)."""
     if not _WORKER:
-        import atexit
-
         import torch
 
         from dapolicy.envs.perturbations import OODConfig
@@ -52,7 +51,6 @@ def _worker_state(setup: WorkerSetup) -> dict[str, Any]:
         ood = OODConfig.parse(setup.ood)
         env = ood.wrap(setup.env_factory(setup.env_name, image_size=policy.spec.image_size,
                                          cameras=tuple(policy.spec.cameras), ood=ood.for_env()))
-        atexit.register(env.close)
         controller = RecedingHorizonController(policy, policy.spec, mode=setup.mode, steps=setup.steps)
         controller.warm_up(env.reset(setup.plan.seed),
                            want_next=controller.can_predict_next and setup.plan.videos > 0)
