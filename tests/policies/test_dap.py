@@ -294,3 +294,44 @@ def test_default_training_next_observation_is_the_dynamics_estimate_never_the_gr
     (z, null), = seen
     assert bool((z[~null] == marker).all())  # every non-null sample sees the estimate
     assert "share_ground_truth" not in out and 0 < float(out["share_dynamics"]) < 1
+
+
+def test_action_contrast_hinge():
+    from dapolicy.policies.dap import action_contrast_loss
+
+    true, other = torch.tensor([0.1, 0.1, 0.1]), torch.tensor([0.3, 0.12, 0.05])
+    counted = torch.tensor([True, True, False])
+    # sample 0: gap 0.2 >= margin -> 0; sample 1: 0.05 + 0.1 - 0.12 = 0.03; sample 2 not counted
+    torch.testing.assert_close(action_contrast_loss(true, other, counted, 0.05), torch.tensor(0.03 / 2))
+    assert float(action_contrast_loss(true, other, torch.zeros(3, dtype=torch.bool), 0.05)) == 0.0
+
+
+def test_action_contrast_term_of_the_dynamics_loss(monkeypatch):
+    """Off by default (one dynamics forward); on, a second forward with another window's chunk, a term that
+    pushes the action pathway (a gradient for the action MLP) and both parts logged."""
+    batch = _batch(8)
+    plain = _policy().train()
+    calls = []
+    forward = plain.dynamics.forward
+    monkeypatch.setattr(plain.dynamics, "forward", lambda *a, **k: calls.append(a[3]) or forward(*a, **k))
+    assert set(plain.compute_loss(batch, "dynamics")) == {"loss"} and len(calls) == 1
+
+    policy = _policy(action_contrast=0.5, action_contrast_margin=10.0).train()  # margin: every gap counts
+    calls.clear()
+    forward = policy.dynamics.forward
+    monkeypatch.setattr(policy.dynamics, "forward", lambda *a, **k: calls.append(a[3]) or forward(*a, **k))
+    out = policy.compute_loss(batch, "dynamics")
+    assert len(calls) == 2 and not torch.equal(calls[0], calls[1])
+    assert sorted(map(tuple, calls[1].flatten(1).tolist())) == sorted(map(tuple, calls[0].flatten(1).tolist()))
+    torch.testing.assert_close(out["loss"], out["flow_loss"] + 0.5 * out["action_contrast"])
+    assert float(out["action_contrast"]) > 0
+
+    def action_mlp_grad(p):
+        torch.manual_seed(1)
+        return torch.autograd.grad(p.compute_loss(batch, "dynamics")["loss"], p.dynamics.action_mlp[0].weight)[0]
+
+    monkeypatch.undo()
+    with_term, without = action_mlp_grad(policy), action_mlp_grad(_policy().train())  # same weights and draws
+    assert (with_term - without).abs().sum() > 1e-6
+    with pytest.raises(ValueError, match="action_contrast"):
+        make_config("dap", "tiny", ["action_contrast=-1"])

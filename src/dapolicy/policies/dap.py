@@ -89,7 +89,7 @@ class DAPPolicy(FMPolicy):
     # ------------------------------------------------------------------ losses
     def compute_loss(self, batch: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
         if stage == "dynamics":
-            return {"loss": self._dynamics_loss(batch)}
+            return self._dynamics_loss(batch)
         return super().compute_loss(batch, stage)
 
     def _dynamics_inputs(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,7 +98,7 @@ class DAPPolicy(FMPolicy):
         action = self.dynamics_action_normalizer.normalize(require(batch, "action", 3))
         return latents[:, -1], proprio, action
 
-    def _dynamics_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+    def _dynamics_loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         current, proprio, action = self._dynamics_inputs(batch)
         target_latents = require(batch, "next_latents", 5)
         b = current.shape[0]
@@ -106,7 +106,16 @@ class DAPPolicy(FMPolicy):
         z_tau, target = training_pair(target_latents, tau)
         drop = torch.rand(b, device=current.device) < self.config.action_dropout
         v = self.dynamics(z_tau, tau, current, action, proprio, drop_action=drop)
-        return flow_loss(v, target)
+        flow = flow_loss(v, target)
+        if self.config.action_contrast <= 0 or b < 2:
+            return {"loss": flow}
+        # Another window's chunk for every sample (a random derangement), same noisy latents and tau.
+        other = action[(torch.arange(b, device=action.device) + torch.randint(1, b, (1,), device=action.device)) % b]
+        v_other = self.dynamics(z_tau, tau, current, other, proprio)
+        contrast = action_contrast_loss(per_sample_error(v, target), per_sample_error(v_other, target), ~drop,
+                                        self.config.action_contrast_margin)
+        return {"loss": flow + self.config.action_contrast * contrast, "flow_loss": flow.detach(),
+                "action_contrast": contrast.detach()}
 
     @torch.no_grad()
     def _dynamics_estimate(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -278,3 +287,15 @@ def _method():  # -> registry.Method (imported late: the registry imports this m
 
 
 METHOD = _method()
+
+
+def per_sample_error(velocity: Tensor, target: Tensor) -> Tensor:
+    """Mean squared velocity error of each sample [B]."""
+    return ((velocity - target) ** 2).flatten(1).mean(dim=1)
+
+
+def action_contrast_loss(error_true: Tensor, error_other: Tensor, counted: Tensor, margin: float) -> Tensor:
+    """Hinge on how much better the true action explains the future than another one: mean over the counted
+    samples of max(0, margin + error_true - error_other); zero once every counted gap reaches the margin."""
+    hinge = torch.relu(margin + error_true - error_other) * counted.to(error_true.dtype)
+    return hinge.sum() / counted.sum().clamp_min(1)

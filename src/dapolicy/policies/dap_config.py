@@ -69,6 +69,12 @@ class DAPConfig(FMConfig):
         next re-plan).
     coupling: default generation mode (Algorithm 1): jacobi | gauss_seidel | predict_then_act | off.
     action_dropout: probability of replacing the dynamics model's action condition by the null token.
+    action_contrast: weight of the dynamics stage's action-contrast term (0 = off): with the same noisy next
+        latents, the model given the window's own action chunk must fit the flow target better, by at least
+        `action_contrast_margin` (per-sample mean squared velocity error), than given another window's chunk.
+        Why: on demonstrations the future is predictable from the scene alone, so the plain flow loss is met
+        by a model that ignores the action (`dap diagnose`: action sensitivity 0.01-0.03), and a prediction
+        that ignores the action cannot correct it. Costs a second forward pass per dynamics step.
     next_obs_mix: the policy's training sources for the next observation.
     dynamics_sources: episode sources the dynamics model trains on; None = all (expert + random + noisy).
     dynamics: size of the latent DiT.
@@ -77,6 +83,8 @@ class DAPConfig(FMConfig):
     next_obs_offset: int | None = None
     coupling: str = "jacobi"
     action_dropout: float = 0.1
+    action_contrast: float = 0.0
+    action_contrast_margin: float = 0.05
     next_obs_mix: NextObsMix = field(default_factory=NextObsMix)
     dynamics_sources: tuple[str, ...] | None = None
     dynamics: DiTConfig = field(default_factory=DiTConfig)
@@ -88,6 +96,8 @@ class DAPConfig(FMConfig):
             raise ValueError(f"coupling must be one of {COUPLING_MODES}, got {self.coupling!r}")
         if not 0.0 <= self.action_dropout < 1.0:
             raise ValueError(f"action_dropout must be in [0, 1), got {self.action_dropout}")
+        if self.action_contrast < 0 or self.action_contrast_margin < 0:
+            raise ValueError("action_contrast and action_contrast_margin must be >= 0")
         if self.next_obs_offset is not None and self.next_obs_offset < 1:
             raise ValueError(f"next_obs_offset must be >= 1, got {self.next_obs_offset}")
         if self.dynamics_sources is not None:
