@@ -359,7 +359,7 @@ def evaluate(run_dir: str | Path, episodes: int = 50, ood: str = "none", seed: i
 def _evaluate_one(run_dir: str | Path, episodes: int, ood: str, seed: int, env: str | None, videos: int,
                   mode: str | None, flow_steps: int | None, max_steps: int | None, out: Path, name: str | None,
                   policy: Any, env_factory: EnvFactory, progress: bool, note_env: bool = True,
-                  parallel: Parallelism | None = None) -> dict[str, Any]:
+                  parallel: Parallelism = Parallelism()) -> dict[str, Any]:
     """One suite of `evaluate` (its arguments checked, the policy loaded); note_env: say so when the env is
     another task than the model's (once per command, not once per suite)."""
 
@@ -379,7 +379,7 @@ def _evaluate_one(run_dir: str | Path, episodes: int, ood: str, seed: int, env: 
                   f"the same observation and action shapes")
         limit = max_steps if max_steps is not None else environment.spec.max_steps
         start = time.perf_counter()
-        if parallel is not None and parallel.workers > 1:
+        if parallel.workers > 1:
             from dapolicy.parallel_eval import WorkerSetup, run_episodes_in_workers
 
             setup = WorkerSetup(str(resolve_model_dir(run_dir)), _policy_device(policy), parallel.threads,
@@ -420,7 +420,7 @@ def _evaluate_one(run_dir: str | Path, episodes: int, ood: str, seed: int, env: 
             "flow_steps": flow_steps or getattr(flow_cfg, "steps", None),
             "videos": videos, **asdict(dims), "image_size": spec.image_size, "cameras": list(spec.cameras),
             "model_dir": str(_model_dir_or_none(run_dir)), "device": _policy_device(policy),
-            "workers": parallel.workers if parallel is not None else 1,
+            "workers": parallel.workers,
         },
         "episodes": records,
         "videos": rollouts.videos,

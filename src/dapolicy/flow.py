@@ -100,3 +100,8 @@ def flow_loss(pred_velocity: Tensor, target: Tensor, mask: Tensor | None = None)
         return err.mean()
     mask = mask.to(err.dtype).expand_as(err)
     return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def per_sample_flow_error(pred_velocity: Tensor, target: Tensor) -> Tensor:
+    """Mean squared velocity error of each sample [B] (`flow_loss` before averaging over the batch)."""
+    return ((pred_velocity - target) ** 2).flatten(1).mean(dim=1)

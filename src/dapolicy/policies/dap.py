@@ -19,6 +19,7 @@ from dapolicy.flow import (
     extrapolate,
     flow_loss,
     interpolate,
+    per_sample_flow_error,
     sample_tau,
     time_grid,
     training_pair,
@@ -112,7 +113,7 @@ class DAPPolicy(FMPolicy):
         # Another window's chunk for every sample (a random derangement), same noisy latents and tau.
         other = action[(torch.arange(b, device=action.device) + torch.randint(1, b, (1,), device=action.device)) % b]
         v_other = self.dynamics(z_tau, tau, current, other, proprio)
-        contrast = action_contrast_loss(per_sample_error(v, target), per_sample_error(v_other, target), ~drop,
+        contrast = action_contrast_loss(per_sample_flow_error(v, target), per_sample_flow_error(v_other, target), ~drop,
                                         self.config.action_contrast_margin)
         return {"loss": flow + self.config.action_contrast * contrast, "flow_loss": flow.detach(),
                 "action_contrast": contrast.detach()}
@@ -287,11 +288,6 @@ def _method():  # -> registry.Method (imported late: the registry imports this m
 
 
 METHOD = _method()
-
-
-def per_sample_error(velocity: Tensor, target: Tensor) -> Tensor:
-    """Mean squared velocity error of each sample [B]."""
-    return ((velocity - target) ** 2).flatten(1).mean(dim=1)
 
 
 def action_contrast_loss(error_true: Tensor, error_other: Tensor, counted: Tensor, margin: float) -> Tensor:
