@@ -335,3 +335,39 @@ def test_action_contrast_term_of_the_dynamics_loss(monkeypatch):
     assert (with_term - without).abs().sum() > 1e-6
     with pytest.raises(ValueError, match="action_contrast"):
         make_config("dap", "tiny", ["action_contrast=-1"])
+
+
+@pytest.mark.parametrize("encoder", ["vae", "resnet"])
+def test_current_image_dropout_hides_the_images_and_always_shows_a_prediction(monkeypatch, encoder):
+    """Off by default. On, the hidden samples' image tokens do not depend on the images (proprio still counts)
+    and every hidden sample sees a next-observation estimate, never the null tokens."""
+    assert _policy().config.current_image_dropout == 0.0
+    policy = _policy(current_image_dropout=0.5, obs_encoder=encoder).train()
+    keep = torch.tensor([True, False, True, False])
+    batch, other = _batch(4, seed=0), _batch(4, seed=1)
+    tok = policy.observation_tokens(batch, augment=False, image_keep=keep)
+    tok_other = policy.observation_tokens({**other, "proprio": batch["proprio"]}, augment=False, image_keep=keep)
+    torch.testing.assert_close(tok[~keep], tok_other[~keep])  # hidden: the images do not matter
+    assert not torch.allclose(tok[keep], tok_other[keep])  # shown: they do
+    tok_proprio = policy.observation_tokens({**batch, "proprio": other["proprio"]}, augment=False, image_keep=keep)
+    assert not torch.allclose(tok[~keep], tok_proprio[~keep])
+
+    seen = []
+    original = policy.policy_net.next_tokens
+    monkeypatch.setattr(policy, "_current_image_keep", lambda b, device: torch.arange(b) % 2 == 0)
+    monkeypatch.setattr(policy.policy_net, "next_tokens",
+                        lambda z, b, null_mask=None: seen.append(null_mask) or original(z, b, null_mask))
+    for seed in range(5):  # the default mix draws null for 10% of the samples: never for the hidden ones
+        torch.manual_seed(seed)
+        out = policy.compute_loss(_batch(32, seed), "policy")
+        assert float(out["images_hidden"]) == 0.5 and torch.isfinite(out["loss"])
+    hidden = torch.arange(32) % 2 == 1
+    assert not any(bool(null[hidden].any()) for null in seen)
+    assert any(bool(null[~hidden].any()) for null in seen)
+
+
+def test_current_image_dropout_is_validated():
+    with pytest.raises(ValueError, match="current_image_dropout"):
+        make_config("dap", "tiny", {"current_image_dropout": 1.0})
+    with pytest.raises(ValueError, match="other than null"):
+        make_config("dap", "tiny", {"current_image_dropout": 0.3, "next_obs_mix.dynamics": 0, "next_obs_mix.null": 1})

@@ -134,19 +134,33 @@ class DAPPolicy(FMPolicy):
     def _policy_loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         action = self.action_normalizer.normalize(require(batch, "action", 3))
         b = action.shape[0]
-        tokens = self.observation_tokens(batch, augment=True)
+        image_keep = self._current_image_keep(b, action.device)
+        tokens = self.observation_tokens(batch, augment=True, image_keep=image_keep)
         tau = sample_tau(b, self.config.flow, device=action.device)
         noise = torch.randn_like(action)
         a_tau, target = interpolate(action, noise, tau), velocity_target(action, noise)
         shares = torch.tensor(self.config.next_obs_mix.shares)
         source = torch.multinomial(shares, b, replacement=True).to(action.device)
+        if image_keep is not None:  # a sample that hides the current images must see a prediction
+            shown = shares.clone()
+            shown[NEXT_OBS_SOURCES.index("null")] = 0
+            redraw = torch.multinomial(shown, b, replacement=True).to(action.device)
+            source = torch.where(image_keep, source, redraw)
         next_latents, null = self._training_next_obs(batch, tokens, noise, tau, source)
         next_tok = self.policy_net.next_tokens(next_latents, b, null_mask=null)
         v = self.policy_net.unet(a_tau, tau, static_tokens=tokens, dynamic_tokens=next_tok)
         out = {"loss": flow_loss(v, target)}
         out.update({f"share_{name}": (source == i).float().mean() for i, name in enumerate(NEXT_OBS_SOURCES)
                     if shares[i] > 0})
+        if image_keep is not None:
+            out["images_hidden"] = (~image_keep).float().mean()
         return out
+
+    def _current_image_keep(self, b: int, device: torch.device) -> Tensor | None:
+        """[B] mask of the samples whose current images the policy sees (`current_image_dropout`), or None."""
+        if self.config.current_image_dropout <= 0:
+            return None
+        return torch.rand(b, device=device) >= self.config.current_image_dropout
 
     def _training_next_obs(self, batch: Mapping[str, Tensor], tokens: Tensor, noise: Tensor, tau: Tensor,
                            source: Tensor) -> tuple[Tensor | None, Tensor]:

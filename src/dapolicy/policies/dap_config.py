@@ -75,6 +75,11 @@ class DAPConfig(FMConfig):
         Why: on demonstrations the future is predictable from the scene alone, so the plain flow loss is met
         by a model that ignores the action (`dap diagnose`: action sensitivity 0.01-0.03), and a prediction
         that ignores the action cannot correct it. Costs a second forward pass per dynamics step.
+    current_image_dropout: probability, per policy-training sample, of hiding the current images from the
+        policy (their tokens keep only position embeddings; proprio stays) so that it must read the scene
+        from the next-observation estimate; such samples never draw the null next observation. Why: with the
+        current images in view the policy scores the same with the real, another or no prediction
+        (`dap diagnose`), i.e. it ignores the dynamics model. 0 = off.
     next_obs_mix: the policy's training sources for the next observation.
     dynamics_sources: episode sources the dynamics model trains on; None = all (expert + random + noisy).
     dynamics: size of the latent DiT.
@@ -85,6 +90,7 @@ class DAPConfig(FMConfig):
     action_dropout: float = 0.1
     action_contrast: float = 0.0
     action_contrast_margin: float = 0.05
+    current_image_dropout: float = 0.0
     next_obs_mix: NextObsMix = field(default_factory=NextObsMix)
     dynamics_sources: tuple[str, ...] | None = None
     dynamics: DiTConfig = field(default_factory=DiTConfig)
@@ -98,6 +104,10 @@ class DAPConfig(FMConfig):
             raise ValueError(f"action_dropout must be in [0, 1), got {self.action_dropout}")
         if self.action_contrast < 0 or self.action_contrast_margin < 0:
             raise ValueError("action_contrast and action_contrast_margin must be >= 0")
+        if not 0.0 <= self.current_image_dropout < 1.0:
+            raise ValueError(f"current_image_dropout must be in [0, 1), got {self.current_image_dropout}")
+        if self.current_image_dropout > 0 and self.next_obs_mix.null >= 1.0:
+            raise ValueError("current_image_dropout needs a next-observation source other than null in next_obs_mix")
         if self.next_obs_offset is not None and self.next_obs_offset < 1:
             raise ValueError(f"next_obs_offset must be >= 1, got {self.next_obs_offset}")
         if self.dynamics_sources is not None:

@@ -227,19 +227,23 @@ class FMPolicy(Policy):
         v = self.policy_net.unet(a_tau, tau, static_tokens=tokens)
         return {"loss": flow_loss(v, target)}
 
-    def observation_tokens(self, batch: Mapping[str, Tensor], augment: bool) -> Tensor:
-        """Current-observation tokens from cached latents ("vae") or raw images ("resnet")."""
+    def observation_tokens(self, batch: Mapping[str, Tensor], augment: bool,
+                           image_keep: Tensor | None = None) -> Tensor:
+        """Current-observation tokens from cached latents ("vae") or raw images ("resnet").
+
+        image_keep: [B] mask of the samples whose current images the policy may see (see `PolicyNet`).
+        """
         proprio = self.proprio_normalizer.normalize(require(batch, "proprio", 3))
         if self.config.obs_encoder == "vae":
             latents = require(batch, "latents", 6)
             if augment and self.training and self.config.latent_shift > 0:
                 latents = random_shift(latents.flatten(0, 2), self.config.latent_shift).view_as(latents)
-            return self.policy_net.observation_tokens(proprio, latents=latents)
+            return self.policy_net.observation_tokens(proprio, latents=latents, image_keep=image_keep)
         images = images_to_float(require(batch, "images", 6))
         if augment and self.training and self.config.image_shift > 0:
             pad = max(1, round(self.config.image_shift * self.spec.image_size / 64))
             images = random_shift(images.flatten(0, 2), pad).view_as(images)
-        return self.policy_net.observation_tokens(proprio, images=images)
+        return self.policy_net.observation_tokens(proprio, images=images, image_keep=image_keep)
 
     # ------------------------------------------------------------------ inference
     def _encode_observation(self, batch: dict[str, Tensor], need_latents: bool) -> dict[str, Tensor]:

@@ -43,8 +43,12 @@ class PolicyNet(nn.Module):
         self.unet = CrossAttnUNet1D(unet, spec.action_dim, d)
 
     def observation_tokens(self, proprio: Tensor, latents: Tensor | None = None,
-                           images: Tensor | None = None) -> Tensor:
-        """Tokens of the current observation: [B, T_o * (C * N + 1), D]. images: float [B, T, C, 3, S, S]."""
+                           images: Tensor | None = None, image_keep: Tensor | None = None) -> Tensor:
+        """Tokens of the current observation: [B, T_o * (C * N + 1), D]. images: float [B, T, C, 3, S, S].
+
+        image_keep: optional [B] mask; where False the image tokens carry only their position embeddings
+        (the current images are hidden from the policy, proprio stays).
+        """
         b, t = proprio.shape[:2]
         if self.obs_encoder == "vae":
             if latents is None:
@@ -58,6 +62,8 @@ class PolicyNet(nn.Module):
             tok = torch.stack([enc(images[:, :, i].flatten(0, 1)) for i, enc in enumerate(self.image_encoders)],
                               dim=1)  # [B*T, C, N, D]
         tok = tok.view(b, t, c, -1, tok.shape[-1])
+        if image_keep is not None:
+            tok = tok * image_keep.to(tok.dtype)[:, None, None, None, None]
         tok = tok + self.camera_embed[None, None, :, None] + self.frame_embed[None, :, None, None] + self.type_embed[0]
         prop = self.proprio_embed(proprio) + self.frame_embed[None] + self.type_embed[1]  # [B, T, D]
         return torch.cat([tok.flatten(1, 3), prop], dim=1)
