@@ -229,3 +229,21 @@ def test_gated_next_observation_attention_matches_the_reference(mode, run):
 def _gates(policy) -> list:
     unet = policy.policy_net.unet
     return [lvl.attn for lvl in unet.downs] + [unet.mid_attn] + [lvl.attn for lvl in unet.ups]
+
+
+def test_concurrent_jacobi_builds_the_policy_context_in_the_dynamics_worker(monkeypatch):
+    """Parallel Jacobi: the worker turns each fresh estimate into the next policy step's attention context
+    (K - 1 contexts, none after the last estimate), off the policy's thread; sequential runs build them inline."""
+    import threading
+
+    policy = _policy("dap")
+    threads = []
+    original = fast_sampler.PolicyStep.context
+    monkeypatch.setattr(fast_sampler.PolicyStep, "context",
+                        lambda self, z: threads.append(threading.current_thread().name) or original(self, z))
+    for parallel, worker in (("on", True), ("off", False)):
+        fast_sampler.set_options(policy, trace="off", parallel=parallel)
+        threads.clear()
+        _fast(policy, _obs(1), "jacobi", seed=0, return_next=False, return_trace=False)
+        assert len(threads) == STEPS - 1
+        assert all(name.startswith("dap-dynamics") == worker for name in threads)

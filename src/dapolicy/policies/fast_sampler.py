@@ -142,22 +142,35 @@ class PolicyStep:
                 self.null = [t for s, n in zip(static, null) for t in _cat_kv(s, _expand(n, b))]
 
     def __call__(self, a: Tensor, step: int, z_hat: Tensor | None) -> Tensor:
-        if z_hat is None:
-            return self.runner("policy_null", self.net, self.null_step, [a, *self.films[step], *self.null])
-        flat = [a, z_hat, *self.films[step], *self.static, self.kv_weight, self.kv_bias]
-        return self.runner("policy_next", self.net, self.next_step, flat)
+        return self.with_context(a, step, self.null if z_hat is None else self.context(z_hat))
 
-    def null_step(self, a: Tensor, *rest: Tensor) -> Tensor:
+    def context(self, z_hat: Tensor) -> list[Tensor]:
+        """The attention context given a next-latent estimate: per layer the (k, v) groups, flat, in the
+        layout of `self.null` (static and next-observation tokens merged, or two groups when gated).
+
+        Separate from `with_context` so a concurrent Jacobi step can build step k + 1's context in the
+        dynamics worker right after it produced the estimate, off the policy's critical path.
+        """
+        flat = [z_hat, *self.static, self.kv_weight, self.kv_bias]
+        return list(self.runner("policy_context", self.net, self.context_step, flat))
+
+    def with_context(self, a: Tensor, step: int, context: list[Tensor]) -> Tensor:
+        """v_A at flow step `step` given a context from `context` (or `self.null`)."""
+        return self.runner("policy_step", self.net, self.step_given_context, [a, *self.films[step], *context])
+
+    def step_given_context(self, a: Tensor, *rest: Tensor) -> Tensor:
         films, pairs = _pairs(rest[:self.n_films]), _pairs(rest[self.n_films:])
         g = self.null_groups
         kvs = [pairs[i:i + g] for i in range(0, len(pairs), g)]
         return self.unet.forward_prepared(a, films, kvs)
 
-    def next_step(self, a: Tensor, z_hat: Tensor, *rest: Tensor) -> Tensor:
-        films, static = _pairs(rest[:self.n_films]), _pairs(rest[self.n_films:-2])
-        tokens = self.unet.context_norm(self.net.next_tokens(z_hat, a.shape[0]))
+    def context_step(self, z_hat: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+        static = _pairs(rest[:-2])
+        tokens = self.unet.context_norm(self.net.next_tokens(z_hat, z_hat.shape[0]))
         dynamic = split_fused_kv(F.linear(tokens, rest[-2], rest[-1]), self.layers)
-        return self.unet.forward_prepared(a, films, [[s, d] for s, d in zip(static, dynamic)])
+        if self.null_groups == 2:
+            return tuple(t for s, d in zip(static, dynamic) for t in (*s, *d))
+        return tuple(t for s, d in zip(static, dynamic) for t in _cat_kv(s, d))
 
 
 class DynamicsStep:
@@ -353,7 +366,7 @@ class Concurrent:
                 cls._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dap-dynamics")
             return cls._pool
 
-    def both(self, first: Callable[[], Tensor], second: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
+    def both(self, first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
         """(first(), second()) with `second` run concurrently."""
         if self.stream is not None:
             main = torch.cuda.current_stream(self.device)
@@ -362,11 +375,11 @@ class Concurrent:
                 out2 = second()
             out1 = first()
             main.wait_stream(self.stream)
-            out2.record_stream(main)
+            _record_stream(out2, main)
             return out1, out2
         threads = self.threads
 
-        def run_second() -> Tensor:
+        def run_second() -> Any:
             if torch.get_num_threads() != threads:  # the worker's own intra-op setting (per OS thread)
                 torch.set_num_threads(threads)
             with torch.inference_mode():
@@ -374,6 +387,15 @@ class Concurrent:
 
         future = self.pool().submit(run_second)
         return first(), future.result()
+
+
+def _record_stream(out: Any, stream: Any) -> None:
+    """Mark every tensor of a (nested) result as used on `stream` (the caching allocator's rule)."""
+    if isinstance(out, Tensor):
+        out.record_stream(stream)
+    elif isinstance(out, (list, tuple)):
+        for item in out:
+            _record_stream(item, stream)
 
 
 def sample(policy_step: StepFn, dynamics_step: StepFn | None, z_noise: Tensor | None, a_noise: Tensor, steps: int,
@@ -398,10 +420,12 @@ def sample(policy_step: StepFn, dynamics_step: StepFn | None, z_noise: Tensor | 
     if mode not in ("jacobi", "gauss_seidel"):
         raise ValueError(f"unknown coupling mode {mode!r} (modes: {', '.join(COUPLING_MODES)})")
 
+    need_all = need_latents or trace is not None
+    if mode == "jacobi" and concurrent is not None and isinstance(policy_step, PolicyStep):
+        return _jacobi_pipelined(policy_step, dynamics_step, z_noise, a_noise, steps, need_all, trace, concurrent)
     z, a = z_noise, a_noise
     z_hat: Tensor | None = None
     a_hat: Tensor | None = None
-    need_all = need_latents or trace is not None
     for k, tau in enumerate(taus):
         run_dynamics = need_all or k < steps - 1
         if not run_dynamics:
@@ -410,9 +434,6 @@ def sample(policy_step: StepFn, dynamics_step: StepFn | None, z_noise: Tensor | 
             v_a = policy_step(a, k, z_hat)
             a_hat = extrapolate(a, v_a, tau)
             v_z = dynamics_step(z, k, a_hat)
-        elif concurrent is not None:
-            a_cond, z_cond, a_in, z_in, kk = a_hat, z_hat, a, z, k
-            v_a, v_z = concurrent.both(lambda: policy_step(a_in, kk, z_cond), lambda: dynamics_step(z_in, kk, a_cond))
         else:
             v_a = policy_step(a, k, z_hat)
             v_z = dynamics_step(z, k, a_hat)
@@ -421,6 +442,40 @@ def sample(policy_step: StepFn, dynamics_step: StepFn | None, z_noise: Tensor | 
         if v_z is not None:
             z_hat = extrapolate(z, v_z, tau)
             z = euler_step(z, v_z, dt)
+        if trace is not None:
+            trace.record(tau, z_hat, a_hat)
+    return a, (z if need_all else None)
+
+
+def _jacobi_pipelined(policy_step: PolicyStep, dynamics_step: StepFn, z: Tensor, a: Tensor, steps: int,
+                      need_all: bool, trace: CouplingTrace | None,
+                      concurrent: Concurrent) -> tuple[Tensor, Tensor | None]:
+    """Jacobi sampling with each step's two model calls run concurrently (the arithmetic of `sample`'s loop).
+
+    The dynamics worker also turns its fresh estimate into the policy's attention context for the next step
+    (`PolicyStep.context`: tokens, keys/values, merged with the observation's), which takes that work off
+    the policy's path, the longer of the two at batch 1.
+    """
+    dt = 1.0 / steps
+    context = policy_step.null  # step 0 sees no estimate
+    z_hat: Tensor | None = None
+    a_hat: Tensor | None = None
+    for k, tau in enumerate(time_grid(steps)):
+        if need_all or k < steps - 1:
+            def dynamics(z_in: Tensor = z, a_cond: Tensor | None = a_hat, kk: int = k,
+                         t: float = tau) -> tuple[Tensor, Tensor, list[Tensor] | None]:
+                v = dynamics_step(z_in, kk, a_cond)
+                estimate = extrapolate(z_in, v, t)
+                return v, estimate, (policy_step.context(estimate) if kk < steps - 1 else None)
+
+            v_a, (v_z, z_hat, next_context) = concurrent.both(
+                lambda a_in=a, kk=k, ctx=context: policy_step.with_context(a_in, kk, ctx), dynamics)
+            z = euler_step(z, v_z, dt)
+            context = next_context
+        else:
+            v_a = policy_step.with_context(a, k, context)
+        a_hat = extrapolate(a, v_a, tau)
+        a = euler_step(a, v_a, dt)
         if trace is not None:
             trace.record(tau, z_hat, a_hat)
     return a, (z if need_all else None)
