@@ -371,3 +371,16 @@ def test_current_image_dropout_is_validated():
         make_config("dap", "tiny", {"current_image_dropout": 1.0})
     with pytest.raises(ValueError, match="other than null"):
         make_config("dap", "tiny", {"current_image_dropout": 0.3, "next_obs_mix.dynamics": 0, "next_obs_mix.null": 1})
+
+
+def test_predict_chunk_switches_to_eval_mode_when_the_policy_or_a_stage_model_trains():
+    """predict_chunk skips the costly eval() walk when everything is already in eval mode, but never samples
+    with a model in training mode: training switches one stage's model (a direct child) at a time."""
+    policy = _policy()
+    policy.eval()
+    policy.policy_net.train()  # as the training loop leaves it
+    policy.predict_chunk(_obs(1))
+    assert not any(m.training for m in policy.modules())
+    policy.train()
+    policy.predict_chunk(_obs(1))
+    assert not any(m.training for m in policy.modules())
