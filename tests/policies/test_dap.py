@@ -384,3 +384,39 @@ def test_predict_chunk_switches_to_eval_mode_when_the_policy_or_a_stage_model_tr
     policy.train()
     policy.predict_chunk(_obs(1))
     assert not any(m.training for m in policy.modules())
+
+
+def test_image_next_observation_reader_decodes_and_reads_with_the_policy_resnet():
+    """next_obs_reader="image": the estimate is decoded by the frozen VAE and tokenised by the same ResNet as
+    the current images; the policy output depends on it, and the policy loss trains that ResNet through it."""
+    with pytest.raises(ValueError, match="obs_encoder 'resnet'"):
+        make_config("dap", "tiny", {"next_obs_reader": "image", "obs_encoder": "vae"})
+    with pytest.raises(ValueError, match="next_obs_reader"):
+        make_config("dap", "tiny", {"next_obs_reader": "pixels", "obs_encoder": "resnet"})
+    policy = _policy(obs_encoder="resnet", next_obs_reader="image")
+    assert not hasattr(policy.policy_net, "next_tokenizer")
+    z1, z2 = torch.randn(2, 2, 4, 4, 4), torch.randn(2, 2, 4, 4, 4)
+    calls = []
+    encoder = policy.policy_net.image_encoders[0]
+    hook = encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    t1 = policy.next_observation_tokens(z1, 2)
+    hook.remove()
+    assert calls == [(2, 3, 32, 32)]  # the decoded frames of camera 0, at image size
+    assert t1.shape == policy.next_observation_tokens(None, 2).shape
+    assert not torch.allclose(t1, policy.next_observation_tokens(z2, 2))
+    b = _batch(2)
+    tokens = policy.observation_tokens(b, augment=False)
+    a, tau = torch.randn(2, 16, 3), torch.full((2,), 0.3)
+    unet = policy.policy_net.unet
+    v1 = unet(a, tau, static_tokens=tokens, dynamic_tokens=t1)
+    v2 = unet(a, tau, static_tokens=tokens, dynamic_tokens=policy.next_observation_tokens(z2, 2))
+    assert not torch.allclose(v1, v2)
+
+    policy.train()
+    batch = _batch(8)
+    batch["images"] = torch.zeros_like(batch["images"])  # current images carry nothing: any ResNet gradient
+    out = policy.compute_loss(batch, "policy")            # that depends on the estimate comes through it
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in policy.vae.parameters())
+    assert float(encoder.stem[0].weight.grad.abs().sum()) > 0

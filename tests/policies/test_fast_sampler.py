@@ -52,7 +52,7 @@ def _reference(policy, obs: dict, mode: str, seed: int, steps: int = STEPS):
     context = net.unet.prepare_context(policy.observation_tokens(batch, augment=False))
 
     def policy_velocity(a, tau, z_hat):
-        dynamic = net.next_tokens(z_hat, b) if coupled else None
+        dynamic = policy.next_observation_tokens(z_hat, b) if coupled else None
         return net.unet(a, torch.full((b,), tau), static=context, dynamic_tokens=dynamic)
 
     g = torch.Generator().manual_seed(seed)
@@ -106,9 +106,11 @@ def test_fast_sampler_matches_the_reference(method, mode, run):
 
 @pytest.mark.parametrize("mode", ["jacobi", "off"])
 @pytest.mark.parametrize("run", ["eager", "traced_parallel"])
-def test_resnet_encoder_and_batch_one(mode, run):
-    """The `small` default encoder; in parallel Jacobi its ResNet and the VAE run side by side."""
-    policy = _policy("dap", obs_encoder="resnet")
+@pytest.mark.parametrize("reader", ["latent", "image"])
+def test_resnet_encoder_and_batch_one(mode, run, reader):
+    """The `small` default encoder; in parallel Jacobi its ResNet and the VAE run side by side. With the
+    "image" next-observation reader the worker also decodes each estimate and reads it with the ResNet."""
+    policy = _policy("dap", obs_encoder="resnet", next_obs_reader=reader)
     setting = "off" if run == "eager" else "on"
     fast_sampler.set_options(policy, trace=setting, parallel=setting)
     obs = _obs(1, seed=2)

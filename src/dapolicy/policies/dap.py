@@ -147,7 +147,7 @@ class DAPPolicy(FMPolicy):
             redraw = torch.multinomial(shown, b, replacement=True).to(action.device)
             source = torch.where(image_keep, source, redraw)
         next_latents, null = self._training_next_obs(batch, tokens, noise, tau, source)
-        next_tok = self.policy_net.next_tokens(next_latents, b, null_mask=null)
+        next_tok = self.next_observation_tokens(next_latents, b, null_mask=null)
         v = self.policy_net.unet(a_tau, tau, static_tokens=tokens, dynamic_tokens=next_tok)
         out = {"loss": flow_loss(v, target)}
         out.update({f"share_{name}": (source == i).float().mean() for i, name in enumerate(NEXT_OBS_SOURCES)
@@ -155,6 +155,16 @@ class DAPPolicy(FMPolicy):
         if image_keep is not None:
             out["images_hidden"] = (~image_keep).float().mean()
         return out
+
+    def next_observation_tokens(self, next_latents: Tensor | None, b: int, null_mask: Tensor | None = None) -> Tensor:
+        """The policy's tokens of a next-observation estimate (latents [B, C, c, h, w] or None = null), read as
+        `next_obs_reader` says: latent patches, or the frozen VAE's decoded frames through the policy's ResNet."""
+        if next_latents is not None and self.config.next_obs_reader == "image":
+            with torch.no_grad():
+                b_, c = next_latents.shape[:2]
+                images = self.vae.from_latent(next_latents.flatten(0, 1)).clamp(-1.0, 1.0)
+            next_latents = images.view(b_, c, *images.shape[1:])
+        return self.policy_net.next_tokens(next_latents, b, null_mask=null_mask)
 
     def _current_image_keep(self, b: int, device: torch.device) -> Tensor | None:
         """[B] mask of the samples whose current images the policy sees (`current_image_dropout`), or None."""
@@ -190,7 +200,7 @@ class DAPPolicy(FMPolicy):
 
         def policy_velocity(a: Tensor, t: float, z_hat: Tensor | None) -> Tensor:
             return self.policy_net.unet(a, torch.full((b,), t, device=a.device), static=context,
-                                        dynamic_tokens=self.policy_net.next_tokens(z_hat, b))
+                                        dynamic_tokens=self.next_observation_tokens(z_hat, b))
 
         return policy_velocity
 

@@ -19,6 +19,8 @@ EPISODE_SOURCES: tuple[str, ...] = ("expert", "random", "noisy_expert")
 
 NEXT_OBS_SOURCES: tuple[str, ...] = ("ground_truth", "dynamics", "rollout", "null")
 
+NEXT_OBS_READERS: tuple[str, ...] = ("latent", "image")
+
 
 @dataclass
 class NextObsMix:
@@ -80,6 +82,12 @@ class DAPConfig(FMConfig):
         from the next-observation estimate; such samples never draw the null next observation. Why: with the
         current images in view the policy scores the same with the real, another or no prediction
         (`dap diagnose`), i.e. it ignores the dynamics model. 0 = off.
+    next_obs_reader: how the policy reads the predicted next observation: "latent" (VAE latent patches through
+        a linear tokenizer) or "image" (decoded by the frozen VAE and read by the policy's own ResNet-GN, the
+        encoder of its current images; needs obs_encoder "resnet"). Why: a policy cannot find the scene in the
+        latent patches (with its current images hidden it does no better given the real next frame than given
+        another window's, docs/results.md), and FM reading its current images as latents also fails. Costs a
+        VAE decode and a ResNet pass per flow step.
     next_obs_mix: the policy's training sources for the next observation.
     dynamics_sources: episode sources the dynamics model trains on; None = all (expert + random + noisy).
     dynamics: size of the latent DiT.
@@ -91,6 +99,7 @@ class DAPConfig(FMConfig):
     action_contrast: float = 0.0
     action_contrast_margin: float = 0.05
     current_image_dropout: float = 0.0
+    next_obs_reader: str = "latent"
     next_obs_mix: NextObsMix = field(default_factory=NextObsMix)
     dynamics_sources: tuple[str, ...] | None = None
     dynamics: DiTConfig = field(default_factory=DiTConfig)
@@ -104,6 +113,11 @@ class DAPConfig(FMConfig):
             raise ValueError(f"action_dropout must be in [0, 1), got {self.action_dropout}")
         if self.action_contrast < 0 or self.action_contrast_margin < 0:
             raise ValueError("action_contrast and action_contrast_margin must be >= 0")
+        if self.next_obs_reader not in NEXT_OBS_READERS:
+            raise ValueError(f"next_obs_reader must be one of {NEXT_OBS_READERS}, got {self.next_obs_reader!r}")
+        if self.next_obs_reader == "image" and self.obs_encoder != "resnet":
+            raise ValueError("next_obs_reader 'image' reads the prediction with the policy's ResNet: it needs "
+                             f"obs_encoder 'resnet', got {self.obs_encoder!r}")
         if not 0.0 <= self.current_image_dropout < 1.0:
             raise ValueError(f"current_image_dropout must be in [0, 1), got {self.current_image_dropout}")
         if self.current_image_dropout > 0 and self.next_obs_mix.null >= 1.0:

@@ -115,8 +115,13 @@ class PolicyStep:
     """
 
     def __init__(self, policy_net: nn.Module, tokens: Tensor, taus: Tensor, runner: Runner = run_eager,
-                 constants: Callable[[Any, Callable[[], Any]], Any] | None = None) -> None:
+                 constants: Callable[[Any, Callable[[], Any]], Any] | None = None,
+                 next_tokens: Callable[[Tensor, int], Tensor] | None = None,
+                 next_tokens_owner: nn.Module | None = None) -> None:
         self.net = policy_net
+        # next latents -> the policy's tokens, and the module holding every weight that reads (for tracing)
+        self.next_tokens = next_tokens or policy_net.next_tokens
+        self.next_tokens_owner = next_tokens_owner or policy_net
         self.unet = unet = policy_net.unet
         self.runner = runner
         b = tokens.shape[0]
@@ -152,7 +157,7 @@ class PolicyStep:
         dynamics worker right after it produced the estimate, off the policy's critical path.
         """
         flat = [z_hat, *self.static, self.kv_weight, self.kv_bias]
-        return list(self.runner("policy_context", self.net, self.context_step, flat))
+        return list(self.runner("policy_context", self.next_tokens_owner, self.context_step, flat))
 
     def with_context(self, a: Tensor, step: int, context: list[Tensor]) -> Tensor:
         """v_A at flow step `step` given a context from `context` (or `self.null`)."""
@@ -166,7 +171,7 @@ class PolicyStep:
 
     def context_step(self, z_hat: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
         static = _pairs(rest[:-2])
-        tokens = self.unet.context_norm(self.net.next_tokens(z_hat, z_hat.shape[0]))
+        tokens = self.unet.context_norm(self.next_tokens(z_hat, z_hat.shape[0]))
         dynamic = split_fused_kv(F.linear(tokens, rest[-2], rest[-1]), self.layers)
         if self.null_groups == 2:
             return tuple(t for s, d in zip(static, dynamic) for t in (*s, *d))
@@ -606,7 +611,8 @@ def predict(policy: Any, batch: dict[str, Tensor], return_next: bool, mode: str,
             z0 = torch.randn((b, len(policy.spec.cameras), policy.latent_channels, policy.latent_size,
                               policy.latent_size), generator=generator, device=dev)
         a0 = torch.randn((b, policy.config.horizon, policy.spec.action_dim), generator=generator, device=dev)
-        policy_step = PolicyStep(policy.policy_net, tokens, taus, runner, state.constant)
+        policy_step = PolicyStep(policy.policy_net, tokens, taus, runner, state.constant,
+                                 getattr(policy, "next_observation_tokens", None), policy)
         dynamics_step = None
         if coupled and mode != "off":
             dynamics_step = DynamicsStep(policy.dynamics, current, policy.dynamics_proprio(batch["proprio"]), taus,
@@ -633,7 +639,7 @@ def reference_predict(policy: Any, batch: dict[str, Tensor], return_next: bool, 
 
         def policy_velocity(a: Tensor, tau: float, z_hat: Tensor | None) -> Tensor:
             t = torch.full((b,), tau, device=a.device)
-            dynamic = net.next_tokens(z_hat, b) if net.with_next_obs else None
+            dynamic = policy.next_observation_tokens(z_hat, b) if net.with_next_obs else None
             return net.unet(a, t, static=context, dynamic_tokens=dynamic)
 
         dev = policy.device

@@ -159,7 +159,8 @@ class FMPolicy(Policy):
         self.policy_net = PolicyNet(spec, obs_encoder=config.obs_encoder, token_dim=config.token_dim,
                                     n_obs_steps=config.n_obs_steps, unet=config.unet, resnet=config.resnet,
                                     latent_channels=self.latent_channels, latent_size=self.latent_size,
-                                    with_next_obs=self.with_next_obs)
+                                    with_next_obs=self.with_next_obs,
+                                    next_obs_reader=getattr(config, "next_obs_reader", "latent"))
 
     @property
     def uses_vae(self) -> bool:

@@ -2,7 +2,8 @@
 
 Context tokens the U-Net cross-attends to: current images (VAE latent patches or ResNet-GN features) with
 camera, frame and type embeddings; one proprio token per frame; and, for DAP, the predicted next
-observation's latent patches with their own type embedding (or learned null tokens when there is none).
+observation with its own type embedding (or learned null tokens when there is none), read either as VAE
+latent patches ("latent") or, decoded to images, through the same ResNet-GN as the current images ("image").
 FM builds the same network without the next-observation tokens.
 """
 
@@ -22,7 +23,8 @@ class PolicyNet(nn.Module):
     """pi(A | o_t [, o_{t+k}]): tokenisers + U-Net. `with_next_obs` adds the next-observation tokens."""
 
     def __init__(self, spec: EnvSpec, *, obs_encoder: str, token_dim: int, n_obs_steps: int, unet: UNet1DConfig,
-                 resnet: ResNetGNConfig, latent_channels: int, latent_size: int, with_next_obs: bool) -> None:
+                 resnet: ResNetGNConfig, latent_channels: int, latent_size: int, with_next_obs: bool,
+                 next_obs_reader: str = "latent") -> None:
         super().__init__()
         d = token_dim
         n_cams = len(spec.cameras)
@@ -37,9 +39,17 @@ class PolicyNet(nn.Module):
         self.frame_embed = nn.Parameter(torch.randn(n_obs_steps, d) * 0.02)
         self.type_embed = nn.Parameter(torch.randn(3, d) * 0.02)  # 0 current image, 1 proprio, 2 next
         self.with_next_obs = with_next_obs
+        self.next_obs_reader = next_obs_reader
         if with_next_obs:
-            self.next_tokenizer = LatentPatchTokenizer(latent_channels, 2, d, latent_size)
-            self.null_next = nn.Parameter(torch.randn(n_cams * (latent_size // 2) ** 2, d) * 0.02)
+            if next_obs_reader == "latent":
+                self.next_tokenizer = LatentPatchTokenizer(latent_channels, 2, d, latent_size)
+                per_camera = (latent_size // 2) ** 2
+            elif next_obs_reader == "image" and obs_encoder == "resnet":
+                per_camera = self.image_encoders[0].num_tokens(spec.image_size)
+            else:
+                raise ValueError(f"next_obs_reader {next_obs_reader!r} needs obs_encoder 'resnet' (readers: latent, "
+                                 f"image), got obs_encoder {obs_encoder!r}")
+            self.null_next = nn.Parameter(torch.randn(n_cams * per_camera, d) * 0.02)
         self.unet = CrossAttnUNet1D(unet, spec.action_dim, d)
 
     def observation_tokens(self, proprio: Tensor, latents: Tensor | None = None,
@@ -59,8 +69,7 @@ class PolicyNet(nn.Module):
             if images is None:
                 raise ValueError("the 'resnet' observation encoder needs images")
             c = images.shape[2]
-            tok = torch.stack([enc(images[:, :, i].flatten(0, 1)) for i, enc in enumerate(self.image_encoders)],
-                              dim=1)  # [B*T, C, N, D]
+            tok = self.image_tokens(images.flatten(0, 1))  # [B*T, C, N, D]
         tok = tok.view(b, t, c, -1, tok.shape[-1])
         if image_keep is not None:
             tok = tok * image_keep.to(tok.dtype)[:, None, None, None, None]
@@ -68,15 +77,26 @@ class PolicyNet(nn.Module):
         prop = self.proprio_embed(proprio) + self.frame_embed[None] + self.type_embed[1]  # [B, T, D]
         return torch.cat([tok.flatten(1, 3), prop], dim=1)
 
-    def next_tokens(self, next_latents: Tensor | None, batch: int, null_mask: Tensor | None = None) -> Tensor:
-        """Tokens of the predicted next observation; null tokens where there is none (or null_mask)."""
+    def image_tokens(self, images: Tensor) -> Tensor:
+        """Per-camera ResNet tokens of float images [B, C, 3, S, S] -> [B, C, N, D] (no embeddings added)."""
+        return torch.stack([enc(images[:, i]) for i, enc in enumerate(self.image_encoders)], dim=1)
+
+    def next_tokens(self, next_obs: Tensor | None, batch: int, null_mask: Tensor | None = None) -> Tensor:
+        """Tokens of the predicted next observation; null tokens where there is none (or null_mask).
+
+        next_obs: latents [B, C, c, h, w] for the "latent" reader, float images [B, C, 3, S, S] in [-1, 1] for
+        the "image" reader (`DAPPolicy.next_observation_tokens` decodes latents for it).
+        """
         if not self.with_next_obs:
             raise ValueError("this policy network was built without next-observation tokens")
         null = self.null_next[None].expand(batch, -1, -1)
-        if next_latents is None:
+        if next_obs is None:
             return null
-        b, c = next_latents.shape[:2]
-        tok = self.next_tokenizer(next_latents.flatten(0, 1)).view(b, c, -1, null.shape[-1])
+        b, c = next_obs.shape[:2]
+        if self.next_obs_reader == "latent":
+            tok = self.next_tokenizer(next_obs.flatten(0, 1)).view(b, c, -1, null.shape[-1])
+        else:
+            tok = self.image_tokens(next_obs)
         tok = (tok + self.camera_embed[None, :, None] + self.type_embed[2]).flatten(1, 2)
         if null_mask is not None:
             tok = torch.where(null_mask[:, None, None], null, tok)
