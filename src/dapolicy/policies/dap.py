@@ -159,12 +159,12 @@ class DAPPolicy(FMPolicy):
     def next_observation_tokens(self, next_latents: Tensor | None, b: int, null_mask: Tensor | None = None) -> Tensor:
         """The policy's tokens of a next-observation estimate (latents [B, C, c, h, w] or None = null), read as
         `next_obs_reader` says: latent patches, or the frozen VAE's decoded frames through the policy's ResNet."""
+        next_obs = next_latents
         if next_latents is not None and self.config.next_obs_reader == "image":
-            with torch.no_grad():
-                b_, c = next_latents.shape[:2]
-                images = self.vae.from_latent(next_latents.flatten(0, 1)).clamp(-1.0, 1.0)
-            next_latents = images.view(b_, c, *images.shape[1:])
-        return self.policy_net.next_tokens(next_latents, b, null_mask=null_mask)
+            with torch.no_grad():  # the VAE is frozen; the ResNet that reads the frames learns
+                frames = self.vae.from_latent(next_latents.flatten(0, 1)).clamp(-1.0, 1.0)
+            next_obs = frames.view(*next_latents.shape[:2], *frames.shape[1:])
+        return self.policy_net.next_tokens(next_obs, b, null_mask=null_mask)
 
     def _current_image_keep(self, b: int, device: torch.device) -> Tensor | None:
         """[B] mask of the samples whose current images the policy sees (`current_image_dropout`), or None."""
