@@ -403,7 +403,7 @@ def _record_stream(out: Any, stream: Any) -> None:
             _record_stream(item, stream)
 
 
-def sample(policy_step: StepFn, dynamics_step: StepFn | None, z_noise: Tensor | None, a_noise: Tensor, steps: int,
+def sample(policy_step: PolicyStep, dynamics_step: StepFn | None, z_noise: Tensor | None, a_noise: Tensor, steps: int,
            mode: str, need_latents: bool, trace: CouplingTrace | None = None,
            concurrent: Concurrent | None = None) -> tuple[Tensor, Tensor | None]:
     """Algorithm 1 (`coupling.coupled_generation`) on prepared steps; step functions take the step index.
@@ -426,23 +426,14 @@ def sample(policy_step: StepFn, dynamics_step: StepFn | None, z_noise: Tensor | 
         raise ValueError(f"unknown coupling mode {mode!r} (modes: {', '.join(COUPLING_MODES)})")
 
     need_all = need_latents or trace is not None
-    if mode == "jacobi" and concurrent is not None and isinstance(policy_step, PolicyStep):
-        return _jacobi_pipelined(policy_step, dynamics_step, z_noise, a_noise, steps, need_all, trace, concurrent)
-    z, a = z_noise, a_noise
+    if mode == "jacobi":
+        return _jacobi(policy_step, dynamics_step, z_noise, a_noise, steps, need_all, trace, concurrent)
+    z, a = z_noise, a_noise  # Gauss-Seidel: the dynamics call waits for this step's action estimate
     z_hat: Tensor | None = None
-    a_hat: Tensor | None = None
     for k, tau in enumerate(taus):
-        run_dynamics = need_all or k < steps - 1
-        if not run_dynamics:
-            v_a, v_z = policy_step(a, k, z_hat), None
-        elif mode == "gauss_seidel":
-            v_a = policy_step(a, k, z_hat)
-            a_hat = extrapolate(a, v_a, tau)
-            v_z = dynamics_step(z, k, a_hat)
-        else:
-            v_a = policy_step(a, k, z_hat)
-            v_z = dynamics_step(z, k, a_hat)
+        v_a = policy_step(a, k, z_hat)
         a_hat = extrapolate(a, v_a, tau)
+        v_z = dynamics_step(z, k, a_hat) if need_all or k < steps - 1 else None
         a = euler_step(a, v_a, dt)
         if v_z is not None:
             z_hat = extrapolate(z, v_z, tau)
@@ -452,15 +443,16 @@ def sample(policy_step: StepFn, dynamics_step: StepFn | None, z_noise: Tensor | 
     return a, (z if need_all else None)
 
 
-def _jacobi_pipelined(policy_step: PolicyStep, dynamics_step: StepFn, z: Tensor, a: Tensor, steps: int,
-                      need_all: bool, trace: CouplingTrace | None,
-                      concurrent: Concurrent) -> tuple[Tensor, Tensor | None]:
-    """Jacobi sampling with each step's two model calls run concurrently (the arithmetic of `sample`'s loop).
+def _jacobi(policy_step: PolicyStep, dynamics_step: StepFn, z: Tensor, a: Tensor, steps: int, need_all: bool,
+            trace: CouplingTrace | None, concurrent: Concurrent | None) -> tuple[Tensor, Tensor | None]:
+    """Jacobi sampling: each step's two model calls see the other's estimate of the previous step, so they
+    run concurrently when `concurrent` is given (one after the other otherwise).
 
-    The dynamics worker also turns its fresh estimate into the policy's attention context for the next step
-    (`PolicyStep.context`: tokens, keys/values, merged with the observation's), which takes that work off
-    the policy's path, the longer of the two at batch 1.
+    The dynamics call also turns its fresh estimate into the policy's attention context for the next step
+    (`PolicyStep.context`: tokens, keys/values, merged with the observation's), which in the concurrent case
+    takes that work off the policy's path, the longer of the two at batch 1.
     """
+    both = concurrent.both if concurrent is not None else _one_then_other
     dt = 1.0 / steps
     context = policy_step.null  # step 0 sees no estimate
     z_hat: Tensor | None = None
@@ -473,7 +465,7 @@ def _jacobi_pipelined(policy_step: PolicyStep, dynamics_step: StepFn, z: Tensor,
                 estimate = extrapolate(z_in, v, t)
                 return v, estimate, (policy_step.context(estimate) if kk < steps - 1 else None)
 
-            v_a, (v_z, z_hat, next_context) = concurrent.both(
+            v_a, (v_z, z_hat, next_context) = both(
                 lambda a_in=a, kk=k, ctx=context: policy_step.with_context(a_in, kk, ctx), dynamics)
             z = euler_step(z, v_z, dt)
             context = next_context
@@ -484,6 +476,10 @@ def _jacobi_pipelined(policy_step: PolicyStep, dynamics_step: StepFn, z: Tensor,
         if trace is not None:
             trace.record(tau, z_hat, a_hat)
     return a, (z if need_all else None)
+
+
+def _one_then_other(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
+    return first(), second()
 
 
 def _policy_only(policy_step: StepFn, a: Tensor, taus: list[float], z_cond: Tensor | None,
