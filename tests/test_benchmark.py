@@ -33,6 +33,7 @@ def test_smoke_suite_writes_cells_csv_markdown_and_charts(smoke):
                 "train_seconds", "eval_seconds"):
         assert key in cell
     assert cell["episodes"] == 2 and cell["episode_seeds"] == [100000, 100001]
+    assert cell["eval_device"] == "cpu"  # the default: the CPU suites' latencies are CPU figures
     rows = list(csv.DictReader(open(folder / "results.csv")))
     assert len(rows) == 4 and {"method", "task", "seed", "suite", "successes", "episodes"} <= set(rows[0])
     assert "| dap |" in (folder / "results.md").read_text() and (folder / "fig_button.png").stat().st_size > 0
@@ -64,6 +65,27 @@ def test_bad_suite_files_are_named(tmp_path):
         bm.load_suite(bad)
     with pytest.raises(bm.SuiteError, match="no suite file"):
         bm.load_suite(tmp_path / "nothing.toml")
+
+
+def test_a_misspelt_config_field_fails_when_the_suite_is_read_not_when_its_cell_trains(tmp_path):
+    bad = tmp_path / "suite.toml"
+    bad.write_text('[tasks.a]\nenv = "pusht"\n[methods.x]\nmethod = "dap"\nset = ["next_obs_mix.nul=1"]\n')
+    with pytest.raises(bm.SuiteError, match=r"\[methods.x\] set: .*nul"):
+        bm.load_suite(bad)
+    bad.write_text('[tasks.a]\nenv = "pusht"\n[methods.x]\nmethod = "dap"\nset = ["next_obs_mix.null=2"]\n')
+    with pytest.raises(bm.SuiteError, match="sum to 1"):  # the config's own check
+        bm.load_suite(bad)
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in SMOKE.parents[1].glob("*/suite.toml")))
+def test_every_committed_suite_reads_and_plans(name):
+    suite = bm.load_suite(SMOKE.parents[1] / name / "suite.toml")  # config fields checked on reading
+    cells = bm.plan_cells(suite, "test")
+    assert cells and {c.variant for c in cells} <= set(suite.variants)
+    if name == "paper":  # GPU scale: every trained row at the paper size
+        assert {v.config for v in suite.variants.values()} == {"paper"}
+        assert {"dap", "fm", "dp-c", "dp-t", "uva", "pi0"} <= {v.method if v.name == v.method else "" for v in
+                                                                 suite.variants.values()}
 
 
 def test_run_of_evaluates_another_variants_run(smoke, tmp_path):

@@ -165,8 +165,22 @@ def parse_suite(data: dict[str, Any], path: Path) -> Suite:
         for t in v.tasks or []:
             if t not in tasks:
                 raise SuiteError(f"{path}: [methods.{v.name}] task {t!r} is not a task of this suite")
+        _check_config_fields(v, path)
     return Suite(str(data.get("name", path.parent.name)), path, protocol, tasks, variants,
                  str(data.get("description", "")))
+
+
+def _check_config_fields(v: VariantSpec, path: Path) -> None:
+    """Build the variant's config with its `set` fields, so a misspelt field or bad value fails when the suite
+    is read, not hours later when the cell's training starts (configs are plain dataclasses: cheap to build)."""
+    if not v.set:
+        return
+    from dapolicy.policies.registry import make_config
+
+    try:
+        make_config(v.method, v.config, v.set)
+    except ValueError as err:  # OverrideError and the config classes' own checks
+        raise SuiteError(f"{path}: [methods.{v.name}] set: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------- cells
@@ -227,9 +241,13 @@ class Runner:
     """Collects, trains and evaluates the cells of one suite in a work folder; skips what is done."""
 
     def __init__(self, suite: Suite, work: Path, threads: int | None = None, progress: bool = True,
-                 device: str = "cpu", env_factory: Callable[..., Any] | None = None, workers: int = 1) -> None:
+                 device: str = "cpu", env_factory: Callable[..., Any] | None = None, workers: int = 1,
+                 eval_device: str = "cpu") -> None:
         self.suite, self.work, self.threads, self.progress = suite, Path(work), threads, progress
         self.device, self.env_factory, self.workers = device, env_factory, workers
+        # The CPU suites' latencies are CPU figures, so evaluation defaults to cpu; a paper-scale model is
+        # evaluated on the GPU it trained on (`--eval-device`), recorded in every cell.
+        self.eval_device = eval_device
 
     def data_dir(self, task: str) -> Path:
         return self.work / "data" / task
@@ -294,7 +312,7 @@ class Runner:
         result = evaluate(run, episodes=p.episodes, ood=cell.suite, seed=seed, videos=0, mode=v.mode,
                           flow_steps=v.flow_steps, max_steps=self.suite.tasks[cell.task].max_steps,
                           out_dir=run / "eval_benchmark", name=f"{cell.split}_{cell.suite.replace(':', '@')}",
-                          progress=self.progress, workers=self.workers, **kwargs)
+                          progress=self.progress, workers=self.workers, device=self.eval_device, **kwargs)
         state = json.loads((run / "state.json").read_text())
         train_seconds = sum(float(s.get("seconds") or 0) for s in state.get("summaries", {}).values())
         from dapolicy.evaluate import load_policy
@@ -307,6 +325,7 @@ class Runner:
             "parameters": load_policy(run).parameter_counts()["total"], "train_seconds": round(train_seconds, 1),
             "eval_seconds": round(time.perf_counter() - start, 1), "episode_seeds": result["settings"]["episode_seeds"],
             "mode": result["settings"]["mode"], "flow_steps": result["settings"]["flow_steps"],
+            "eval_device": result["settings"].get("device", self.eval_device),
             "config": v.config, "steps": v.steps, "set": v.set, "init_from": v.init_from,
             "dapolicy_commit": _git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -493,7 +512,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     from dapolicy.cli_options import add_device, add_quiet, add_threads, add_workers
 
     add_threads(p, None, "training's auto rule, the cores the load average leaves free")
-    add_device(p, "training runs (evaluation stays on cpu)")
+    add_device(p, "training runs")
+    p.add_argument("--eval-device", default="cpu",
+                   help="where evaluation runs: cpu (default: the CPU suites' latencies are CPU figures), cuda, "
+                        "cuda:N or auto (the paper suite on a GPU machine); recorded in every cell")
     add_workers(p)
     add_quiet(p)
 
@@ -516,7 +538,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     work = Path(args.work) if args.work else Path("runs") / "benchmarks" / suite.name
     runner = Runner(suite, work, threads=args.threads, progress=not args.quiet, device=args.device,
-                    workers=args.workers)
+                    workers=args.workers, eval_device=args.eval_device)
     try:
         if args.train_only:
             for variant, task, seed in plan_trainings(suite, _csv_list(args.only), _csv_list(args.tasks),
@@ -528,6 +550,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ndap benchmark: interrupted; finished cells are kept in {suite.results_dir / 'cells'}; rerun the "
               f"same command to continue", file=sys.stderr)
         return 130
-    write_reports(suite)
-    print(f"results: {suite.results_dir / 'results.md'}")
+    written = write_reports(suite)
+    stem = "results" if args.split == "test" else "results_validation"
+    print(f"results: {written.get(stem + '.md', suite.results_dir / (stem + '.md'))}")
     return 0
