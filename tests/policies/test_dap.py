@@ -420,3 +420,48 @@ def test_image_next_observation_reader_decodes_and_reads_with_the_policy_resnet(
     assert torch.isfinite(out["loss"])
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in policy.vae.parameters())
     assert float(encoder.stem[0].weight.grad.abs().sum()) > 0
+
+
+def test_rollout_samples_with_hidden_images_roll_out_with_the_images_and_never_see_null(monkeypatch):
+    """With `current_image_dropout` and the rollout source, the rollout is the one inference would run (current
+    images in view), and a hidden sample whose rollout hands no estimate (first Jacobi step) gets the dynamics
+    estimate instead of the null observation."""
+    policy = _policy(current_image_dropout=0.5, **{"next_obs_mix.dynamics": 0.0, "next_obs_mix.rollout": 1.0,
+                                                   "next_obs_mix.null": 0.0}).train()
+    keep = torch.arange(32) % 2 == 0
+    monkeypatch.setattr(policy, "_current_image_keep", lambda b, device: keep)
+    rollout_calls, nulls = [], []
+    original_rollout, original_next = policy._rollout_estimate, policy.policy_net.next_tokens
+
+    def rollout(batch, tokens, *args, **kwargs):
+        z_hat, first = original_rollout(batch, tokens, *args, **kwargs)
+        rollout_calls.append((batch, tokens, first))
+        return z_hat, first
+
+    def next_tokens(z, b, null_mask=None):
+        if null_mask is not None:  # the training batch's call (the rollout's own calls pass none)
+            nulls.append(null_mask)
+        return original_next(z, b, null_mask)
+
+    monkeypatch.setattr(policy, "_rollout_estimate", rollout)
+    monkeypatch.setattr(policy.policy_net, "next_tokens", next_tokens)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        assert torch.isfinite(policy.compute_loss(_batch(32, seed), "policy")["loss"])
+    assert any(bool((first & ~keep).any()) for _, _, first in rollout_calls)  # the case arose
+    assert len(nulls) == 4 and not any(bool(null[~keep].any()) for null in nulls)  # and never showed null
+    batch, tokens, _ = rollout_calls[0]
+    hidden = policy.observation_tokens(batch, augment=False, image_keep=torch.zeros(32, dtype=torch.bool))
+    assert not torch.allclose(tokens[~keep], hidden[~keep])  # the rollout saw the images
+
+
+def test_act_given_next_and_predict_next_reject_float_frames_and_non_positive_steps():
+    policy = _policy()
+    frames = np.zeros((2, 2, 32, 32, 3), dtype=np.uint8)
+    assert policy.act_given_next(_obs(2), frames, steps=2).shape == (2, 16, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        policy.act_given_next(_obs(2), frames.astype(np.float32))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        policy.act_given_next(_obs(2), None, steps=0)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        policy.predict_next(_obs(2), None, steps=-1)

@@ -28,9 +28,15 @@ def _randomise(module: nn.Module, seed: int = 0) -> None:
 
 
 def _policy(method: str, **overrides):
+    """Random weights, and fitted statistics that differ between the policy (expert-like data) and the
+    dynamics model (wider, shifted data): identity normalisers would hide a missing or doubled mapping."""
     torch.manual_seed(0)
     policy = make_policy(method, SPEC, make_config(method, "tiny", overrides))
     _randomise(policy)
+    rng = np.random.default_rng(0)
+    expert = type("D", (), {"action": rng.uniform(-0.5, 0.4, (40, 3)), "proprio": rng.uniform(0, 1, (40, 2))})
+    everything = type("D", (), {"action": rng.uniform(-3, 2, (80, 3)), "proprio": rng.uniform(-2, 3, (80, 2))})
+    policy.fit_normalizers(lambda stage: everything if stage == "dynamics" else expert)
     return policy.eval()
 
 
@@ -63,10 +69,12 @@ def _reference(policy, obs: dict, mode: str, seed: int, steps: int = STEPS):
     z0 = torch.randn((b, 2, policy.latent_channels, policy.latent_size, policy.latent_size), generator=g)
     a0 = torch.randn((b, policy.config.horizon, SPEC.action_dim), generator=g)
     current = batch["latents"][:, -1] if mode != "off" else None
-    proprio = policy.proprio_normalizer.normalize(batch["proprio"]).flatten(1)
+    proprio = policy.dynamics_proprio(batch["proprio"])  # the dynamics model's own statistics
+    scale, shift = policy.policy_to_dynamics_action()  # the policy's action units -> the dynamics model's
 
     def dynamics_velocity(z, tau, a_hat):
-        return policy.dynamics(z, torch.full((b,), tau), current, a_hat, proprio)
+        return policy.dynamics(z, torch.full((b,), tau), current, None if a_hat is None else a_hat * scale + shift,
+                               proprio)
 
     a, z = coupled_generation(dynamics_velocity, policy_velocity, z0, a0, steps, mode, trace)
     return a, z, trace.as_dict()
@@ -172,6 +180,12 @@ def test_traces_follow_weight_updates():
     after, _, _ = _fast(policy, obs, "jacobi", seed=3)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, a_ref, rtol=0, atol=ATOL)
+    # a write through .data bumps no version: `forget` is the documented way to say the weights changed
+    for p in policy.policy_net.unet.parameters():
+        p.data.mul_(2.0)
+    fast_sampler.forget(policy)
+    a_ref, _, _ = _reference(policy, obs, "jacobi", seed=3)
+    torch.testing.assert_close(_fast(policy, obs, "jacobi", seed=3)[0], a_ref, rtol=0, atol=ATOL)
 
 
 def test_auto_tracing_starts_at_the_second_call_with_the_same_weights():
@@ -249,3 +263,66 @@ def test_concurrent_jacobi_builds_the_policy_context_in_the_dynamics_worker(monk
         _fast(policy, _obs(1), "jacobi", seed=0, return_next=False, return_trace=False)
         assert len(threads) == STEPS - 1
         assert all(name.startswith("dap-dynamics") == worker for name in threads)
+
+
+@pytest.mark.parametrize("setting", ["off", "on"])
+def test_a_sampled_policy_is_freed_when_its_last_reference_goes(setting):
+    """The per-policy sampler state lives in a weak dictionary keyed by the policy: nothing in it may lead
+    back to the policy, or every model ever sampled (and its traces) would stay in memory."""
+    import gc
+    import weakref
+
+    policy = _policy("dap", next_obs_reader="image", obs_encoder="resnet")
+    fast_sampler.set_options(policy, trace=setting, parallel=setting)
+    _fast(policy, _obs(1), "jacobi", seed=0)
+    _fast(policy, _obs(1), "jacobi", seed=0)
+    alive = weakref.ref(policy)
+    del policy
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_policy_built_under_inference_mode_samples_like_the_reference():
+    """Inference tensors carry no version counter: the sampler then caches nothing across calls (instead of
+    failing with torch's cryptic error, or reusing traces of weights it cannot tell apart)."""
+    with torch.inference_mode():
+        policy = _policy("dap")
+    fast_sampler.set_options(policy, trace="on", parallel="on")
+    obs = _obs(2)
+    a_ref, _, _ = _reference(policy, obs, "jacobi", seed=4)
+    for _ in range(2):
+        a, _, _ = _fast(policy, obs, "jacobi", seed=4)
+        torch.testing.assert_close(a, a_ref, rtol=0, atol=ATOL)
+
+
+def test_tracing_leaves_the_callers_training_mode():
+    policy = _policy("dap").train()
+    fast_sampler.set_options(policy, trace="on", parallel="off")
+    _fast(policy, _obs(1), "jacobi", seed=0)
+    assert policy.training and policy.policy_net.training and policy.dynamics.training
+
+
+def test_a_failing_policy_call_joins_the_dynamics_worker_and_raises():
+    concurrent = fast_sampler.Concurrent(torch.device("cpu"))
+    finished = []
+
+    def slow_dynamics():
+        import time
+
+        time.sleep(0.2)
+        finished.append(True)
+        return 1
+
+    def failing_policy():
+        raise RuntimeError("policy failed")
+
+    with pytest.raises(RuntimeError, match="policy failed"):
+        concurrent.both(failing_policy, slow_dynamics)
+    assert finished == [True]  # the worker was waited for: it cannot outlive the call
+
+
+def test_compiled_steps_never_run_in_two_threads():
+    """Dynamo is not thread-safe: a compiled Jacobi call on the CPU runs its two models one after the other."""
+    options = fast_sampler.SamplerOptions(trace="compile", parallel="on")
+    assert not fast_sampler._parallel(options, torch.device("cpu"), fast_sampler.CompileRunner())
+    assert fast_sampler._parallel(options, torch.device("cpu"), fast_sampler.TraceRunner())

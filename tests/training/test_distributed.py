@@ -189,3 +189,33 @@ def test_cli_flags() -> None:
     assert (args.amp, args.compile, args.grad_accum, args.lean_data) == (None, None, None, None)  # keep stored
     args = parser.parse_args([*base, "--no-amp", "--compile", "--grad-accum", "3", "--lean-data"])
     assert (args.amp, args.compile, args.grad_accum, args.lean_data) == (False, True, 3, True)
+
+
+def _broadcast_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from dapolicy.training.distributed import broadcast_state
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)  # every rank starts different
+    module = torch.nn.Linear(3, 2)
+    module.register_buffer("flags", torch.tensor([rank == 0, rank == 1]))
+    module.register_buffer("strided", torch.randn(4, 3).t())  # not contiguous
+    versions = [t._version for t in module.state_dict(keep_vars=True).values()]
+    broadcast_state(module)
+    after = [t._version for t in module.state_dict(keep_vars=True).values()]
+    torch.save({"state": module.state_dict(), "bumped": all(a > b for a, b in zip(after, versions))},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_broadcast_state_copies_rank_zero_and_bumps_every_version(tmp_path: Path) -> None:
+    """Every rank ends with rank 0's tensors (bool and non-contiguous ones included), written in a way that
+    bumps their version counters: the fast sampler's caches of weight-derived values are keyed on them."""
+    mp.spawn(_broadcast_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert zero["bumped"] and one["bumped"]
+    for key, value in zero["state"].items():
+        torch.testing.assert_close(one["state"][key], value, rtol=0, atol=0)
+    assert zero["state"]["flags"].tolist() == [True, False]

@@ -131,12 +131,13 @@ class Upsample1d(nn.ConvTranspose1d):
 
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__(in_ch, out_ch, 4, stride=2, padding=1)
-        self._fast_weight: tuple[tuple, Tensor] | None = None
+        self._fast_weight: tuple[tuple | None, Tensor] | None = None
 
     def _gemm_weight(self) -> Tensor:
         w = self.weight  # [C_in, C_out, 4]
-        key = (id(w), w.data_ptr(), w._version, w.device, w.dtype)
-        if self._fast_weight is None or self._fast_weight[0] != key:
+        # inference tensors (built under inference_mode) have no version counter: never cached then
+        key = None if w.is_inference() else (id(w), w.data_ptr(), w._version, w.device, w.dtype)
+        if key is None or self._fast_weight is None or self._fast_weight[0] != key:
             with torch.no_grad():
                 even = torch.stack([w[:, :, 3], w[:, :, 1]], dim=-1)  # taps on (m-1, m)
                 odd = torch.stack([w[:, :, 2], w[:, :, 0]], dim=-1)  # taps on (m, m+1)

@@ -146,7 +146,7 @@ class DAPPolicy(FMPolicy):
             shown[NEXT_OBS_SOURCES.index("null")] = 0
             redraw = torch.multinomial(shown, b, replacement=True).to(action.device)
             source = torch.where(image_keep, source, redraw)
-        next_latents, null = self._training_next_obs(batch, tokens, noise, tau, source)
+        next_latents, null = self._training_next_obs(batch, tokens, noise, tau, source, image_keep)
         next_tok = self.next_observation_tokens(next_latents, b, null_mask=null)
         v = self.policy_net.unet(a_tau, tau, static_tokens=tokens, dynamic_tokens=next_tok)
         out = {"loss": flow_loss(v, target)}
@@ -173,8 +173,13 @@ class DAPPolicy(FMPolicy):
         return torch.rand(b, device=device) >= self.config.current_image_dropout
 
     def _training_next_obs(self, batch: Mapping[str, Tensor], tokens: Tensor, noise: Tensor, tau: Tensor,
-                           source: Tensor) -> tuple[Tensor | None, Tensor]:
-        """(next latents [B, C, c, h, w] or None, null mask [B]) as `next_obs_mix` draws them per sample."""
+                           source: Tensor, image_keep: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+        """(next latents [B, C, c, h, w] or None, null mask [B]) as `next_obs_mix` draws them per sample.
+
+        image_keep: the samples whose current images the policy sees (`current_image_dropout`). A rollout runs
+        with the images in view, as at inference; a hidden sample that its rollout would hand no estimate
+        (the first Jacobi step) gets the dynamics estimate instead, so it never sees the null observation.
+        """
         null = source == NEXT_OBS_SOURCES.index("null")
         if bool(null.all()):
             return None, null
@@ -186,10 +191,22 @@ class DAPPolicy(FMPolicy):
         use_roll = source == NEXT_OBS_SOURCES.index("rollout")
         if use_roll.any():
             sub = {k: v[use_roll] for k, v in batch.items() if k in ("latents", "proprio")}
-            z_hat, first = self._rollout_estimate(sub, tokens[use_roll].detach(), noise[use_roll], tau[use_roll])
+            if image_keep is not None and not bool(image_keep[use_roll].all()):
+                with torch.no_grad():  # the rollout inference would run: current images in view
+                    roll_tokens = self.observation_tokens({k: v[use_roll] for k, v in batch.items()}, augment=True)
+            else:
+                roll_tokens = tokens[use_roll].detach()
+            z_hat, first = self._rollout_estimate(sub, roll_tokens, noise[use_roll], tau[use_roll])
             next_latents[use_roll] = z_hat
             null = null.clone()
             null[use_roll] = first
+            if image_keep is not None:
+                blind = null & ~image_keep
+                if blind.any():
+                    sub = {k: v[blind] for k, v in batch.items() if k in ("latents", "proprio", "action",
+                                                                         "next_latents")}
+                    next_latents[blind] = self._dynamics_estimate(sub)
+                    null[blind] = False
         return next_latents, null
 
     def _policy_velocity(self, tokens: Tensor, b: int) -> Callable[[Tensor, float, Tensor | None], Tensor]:
@@ -259,7 +276,7 @@ class DAPPolicy(FMPolicy):
             action = self.dynamics_action_normalizer.normalize(action)
         current = batch["latents"][:, -1]
         proprio = self.dynamics_proprio(batch["proprio"])
-        steps = steps or self.config.flow.steps
+        steps = _flow_steps(steps, self.config.flow.steps)
         z = torch.randn(current.shape, generator=generator, device=self.device)
         for tau in time_grid(steps):
             v = self.dynamics(z, torch.full((b,), tau, device=z.device), current, action, proprio)
@@ -279,13 +296,14 @@ class DAPPolicy(FMPolicy):
         if next_images is not None:
             frames = np.asarray(next_images)
             expected = (b, len(self.spec.cameras), self.spec.image_size, self.spec.image_size, 3)
-            if frames.shape != expected:
-                raise ValueError(f"next_images must be {list(expected)}, got {list(frames.shape)}")
+            if frames.shape != expected or frames.dtype != np.uint8:
+                raise ValueError(f"next_images must be uint8 {list(expected)}, got {frames.dtype} "
+                                 f"{list(frames.shape)}")
             z_cond = self.encode_latents(frames)
         policy_velocity = self._policy_velocity(self.observation_tokens(batch, augment=False), b)
         shape = (b, self.config.horizon, self.spec.action_dim)
-        a0 = torch.randn(shape, generator=generator).to(self.device)
-        a = sample_policy(policy_velocity, a0, steps or self.config.flow.steps, z_cond)
+        a0 = torch.randn(shape, generator=generator, device=self.device)  # as predict_chunk draws it
+        a = sample_policy(policy_velocity, a0, _flow_steps(steps, self.config.flow.steps), z_cond)
         return self.action_normalizer.unnormalize(a).cpu().numpy()
 
     # ------------------------------------------------------------------ inference
@@ -301,6 +319,15 @@ class DAPPolicy(FMPolicy):
                                            return_trace, generator)
         next_frames = self.decode_latents(z).cpu().numpy() if return_next and z is not None else None
         return ChunkPrediction(self.action_normalizer.unnormalize(a).cpu().numpy(), next_frames, trace)
+
+
+def _flow_steps(steps: int | None, default: int) -> int:
+    """The number of flow steps asked for (None = the config's); anything below 1 is an error, not the default."""
+    if steps is None:
+        return default
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return int(steps)
 
 
 def _method():  # -> registry.Method (imported late: the registry imports this module)

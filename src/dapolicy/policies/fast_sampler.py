@@ -256,11 +256,13 @@ class TraceRunner:
         traced = self.traces.get(key)
         if traced is None:
             traced = self.traces[key] = self._build(owner, fn, flat)
-        return traced(*flat)
+        return fn(*flat) if traced is _EAGER else traced(*flat)
 
-    def _build(self, owner: nn.Module, fn: Callable[..., Tensor], flat: list[Tensor]) -> Callable[..., Tensor]:
-        """A frozen trace of fn, or fn itself where TorchScript cannot trace it (then eager, with a warning)."""
+    def _build(self, owner: nn.Module, fn: Callable[..., Tensor], flat: list[Tensor]) -> Any:
+        """A frozen trace of fn, or `_EAGER` where TorchScript cannot trace it (then each call runs its own fn,
+        with a warning once; nothing here keeps a reference to the model)."""
         with self._build_lock:
+            was_training = owner.training
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # shape-dependent Python values are baked in: shapes are keyed
@@ -269,14 +271,22 @@ class TraceRunner:
             except Exception as err:  # TorchScript is deprecated upstream: never let it break sampling
                 warnings.warn(f"fast sampler: tracing failed ({type(err).__name__}: {err}); running eagerly",
                               RuntimeWarning, stacklevel=3)
-                return fn
+                return _EAGER
+            finally:
+                owner.train(was_training)  # tracing needs eval mode; the caller's mode is the caller's
+
+
+#: In `TraceRunner.traces`: this signature could not be traced; run each call's own step function.
+_EAGER: Any = object()
 
 
 class CompileRunner(TraceRunner):
     """Runs step functions through `torch.compile` (one compiled function per step kind and signature).
 
     Opt-in (`trace="compile"`): on the 2-core CPU a compiled small U-Net step took 3.5 ms against 1.8 ms for the
-    frozen trace (and ~25 s to compile); it may pay off on a GPU.
+    frozen trace (and ~25 s to compile); it may pay off on a GPU. Dynamo is not thread-safe, so a compiled
+    Jacobi call never runs its two models in two threads (`_parallel`). The compiled function holds the first
+    call's step object (and so the model) until the weights change.
     """
 
     def _build(self, owner: nn.Module, fn: Callable[..., Tensor], flat: list[Tensor]) -> Callable[..., Tensor]:
@@ -287,7 +297,8 @@ class SamplerState:
     """Per policy: a fingerprint of its weights, what was computed from the weights alone, and the traces.
 
     Everything is dropped when any parameter or buffer changes (in-place updates bump tensor versions; moves
-    change storages; replaced tensors are read afresh from the modules' dicts).
+    change storages; replaced tensors are read afresh from the modules' dicts). A write through `param.data`
+    bumps nothing: after one, call `forget(policy)` (the library's own weight writes all bump versions).
     """
 
     def __init__(self) -> None:
@@ -295,14 +306,17 @@ class SamplerState:
         self.calls = 0  # sampling calls with the current weights
         self.constants: dict[Any, Any] = {}
         self.traces = TraceRunner()
-        self._modules: list[nn.Module] | None = None
+        # the modules' parameter and buffer dicts, not the modules: this state is the value of a weak dict keyed
+        # by the policy, so holding the policy (or any module, which a bound method could lead back to) here
+        # would keep every policy ever sampled alive
+        self._tensor_dicts: list[dict[str, Tensor | None]] | None = None
         self._epoch = -1
 
     def begin_call(self, policy: nn.Module, compile: bool = False) -> int:
         """Note a sampling call; returns how many calls (this one included) saw the current weights."""
         key = self._fingerprint(policy)
         runner = CompileRunner if compile else TraceRunner
-        if key != self.fingerprint or type(self.traces) is not runner:
+        if key is None or key != self.fingerprint or type(self.traces) is not runner:
             self.fingerprint, self.calls = key, 0
             self.constants.clear()
             self.traces = runner()
@@ -315,11 +329,17 @@ class SamplerState:
             self.constants[key] = make()
         return self.constants[key]
 
-    def _fingerprint(self, policy: nn.Module) -> tuple:
-        if self._modules is None or self._epoch != _STRUCTURE_EPOCH[0] or _STRUCTURE_EPOCH[0] < 0:
-            self._modules, self._epoch = list(policy.modules()), _STRUCTURE_EPOCH[0]
-        return tuple((t.data_ptr(), t._version) for m in self._modules for group in (m._parameters, m._buffers)
-                     for t in group.values() if t is not None)
+    def _fingerprint(self, policy: nn.Module) -> tuple | None:
+        """Storages and version counters of every weight, or None where that cannot tell a change (inference
+        tensors have no version counter: then nothing is cached across calls)."""
+        if self._tensor_dicts is None or self._epoch != _STRUCTURE_EPOCH[0] or _STRUCTURE_EPOCH[0] < 0:
+            self._tensor_dicts = [group for m in policy.modules() for group in (m._parameters, m._buffers)]
+            self._epoch = _STRUCTURE_EPOCH[0]
+        try:
+            return tuple((t.data_ptr(), t._version) for group in self._tensor_dicts for t in group.values()
+                         if t is not None)
+        except RuntimeError:  # "Inference tensors do not track version counter": built under inference_mode
+            return None
 
 
 # Submodules added or replaced anywhere bump this (the fingerprint then walks the module tree again); -1 =
@@ -391,7 +411,11 @@ class Concurrent:
                 return second()
 
         future = self.pool().submit(run_second)
-        return first(), future.result()
+        try:
+            out1 = first()
+        finally:  # joined even when `first` raises: the worker never outlives the call
+            out2 = future.result()
+        return out1, out2
 
 
 def _record_stream(out: Any, stream: Any) -> None:
@@ -494,6 +518,12 @@ def _policy_only(policy_step: StepFn, a: Tensor, taus: list[float], z_cond: Tens
 
 
 # ---------------------------------------------------------------------------------------------- predict
+def forget(policy: nn.Module) -> None:
+    """Drop what was computed from the policy's weights (traces, constants): needed only after writing weights
+    in a way that bumps no version counter, e.g. through `param.data`."""
+    _STATES.pop(policy, None)
+
+
 def _state(policy: nn.Module) -> SamplerState:
     state = _STATES.get(policy)
     if state is None:
@@ -518,9 +548,12 @@ def _runner(state: SamplerState, policy: nn.Module, options: SamplerOptions, dev
 
 def _parallel(options: SamplerOptions, device: torch.device, runner: Runner) -> bool:
     """Whether a Jacobi call runs its two models concurrently (see `SamplerOptions.parallel`)."""
+    if device.type == "cpu" and isinstance(runner, CompileRunner):
+        return False  # two threads would run dynamo at once, which is not thread-safe
     if options.parallel != "auto":
         return options.parallel == "on"
-    return device.type == "cpu" and runner is not run_eager and _available_cores() >= 2
+    return (device.type == "cpu" and runner is not run_eager and not isinstance(runner, CompileRunner)
+            and _available_cores() >= 2)
 
 
 def _threads_per_model(options: SamplerOptions, device: torch.device, batch: int, parallel: bool) -> int | None:

@@ -194,17 +194,13 @@ def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
     for tensor in module.state_dict(keep_vars=True).values():
-        t = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
-        if t.dtype == torch.bool:  # gloo has no bool collectives
-            tmp = t.to(torch.uint8)
-            dist.broadcast(tmp, src)
-            t.copy_(tmp.bool())
-        elif t.is_contiguous():
-            dist.broadcast(t, src)
-        else:
-            tmp = t.contiguous()
-            dist.broadcast(tmp, src)
-            t.copy_(tmp)
+        # Received into a copy, then written with a plain in-place copy: that bumps the tensor's version
+        # counter, which the fast sampler's caches of weight-derived values are keyed on (a collective writing
+        # straight into `param.data` would leave them stale).
+        source = tensor.detach().to(torch.uint8) if tensor.dtype == torch.bool else tensor.detach()  # gloo: no bool
+        buffer = source.clone(memory_format=torch.contiguous_format)
+        dist.broadcast(buffer, src)
+        tensor.copy_(buffer.bool() if tensor.dtype == torch.bool else buffer)
 
 
 @torch.no_grad()
