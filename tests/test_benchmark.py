@@ -34,6 +34,7 @@ def test_smoke_suite_writes_cells_csv_markdown_and_charts(smoke):
         assert key in cell
     assert cell["episodes"] == 2 and cell["episode_seeds"] == [100000, 100001]
     assert cell["eval_device"] == "cpu"  # the default: the CPU suites' latencies are CPU figures
+    assert cell["eval_threads"] == 1 and cell["eval_workers"] == 1
     rows = list(csv.DictReader(open(folder / "results.csv")))
     assert len(rows) == 4 and {"method", "task", "seed", "suite", "successes", "episodes"} <= set(rows[0])
     assert "| dap |" in (folder / "results.md").read_text() and (folder / "fig_button.png").stat().st_size > 0
@@ -96,6 +97,8 @@ def test_run_of_evaluates_another_variants_run(smoke, tmp_path):
     runner = bm.Runner(suite, work, threads=1, progress=False)
     cell = runner.evaluate_cell(bm.Cell("dap-k1", "button", 0, "none", "validation"))
     assert cell["flow_steps"] == 1 and not (work / "runs" / "dap-k1").exists()
+    # its episode records sit beside the dap cells' in the shared run, under its own name
+    assert (work / "runs" / "dap" / "button" / "s0" / "eval_benchmark" / "validation_dap-k1_none.json").is_file()
     bad = tmp_path / "suite.toml"
     bad.write_text(text + 'steps = "3"\n')
     with pytest.raises(bm.SuiteError, match="run_of"):
@@ -135,3 +138,6 @@ def test_markdown_puts_in_distribution_first_and_averages_the_ood_suites():
     dap = next(line for line in table.splitlines() if line.startswith("| dap |"))
     fm = next(line for line in table.splitlines() if line.startswith("| fm |"))
     assert dap.split(" | ")[-2] == "30.0%" and fm.split(" | ")[-2] == "-"
+    two_seeds = bm.markdown_table(cells + [{**cell("fm", "none", 8), "seed": 1}], suite, "test")
+    fm = next(line for line in two_seeds.splitlines() if line.startswith("| fm |"))
+    assert "(60%, 80%; sd 14%; n=20)" in fm  # the seed spread beside the pooled interval

@@ -318,3 +318,12 @@ def test_workers_argument_is_checked(tmp_path):
         ev.evaluate(tmp_path, episodes=1, workers=0, policy=policy, env_factory=factory)
     with pytest.raises(ValueError, match="pass run_dir, not policy"):
         ev.evaluate(tmp_path, episodes=1, workers=2, policy=policy, env_factory=factory)
+
+
+def test_max_steps_above_the_tasks_episode_limit_is_refused(tmp_path):
+    """The env ends every episode at its own limit: a longer --max-steps would be recorded but never run."""
+    policy, factory, envs = line_setup()
+    with pytest.raises(ValueError, match="above line's episode limit"):
+        ev.evaluate(tmp_path, episodes=1, videos=0, max_steps=31, out_dir=tmp_path, policy=policy,
+                    env_factory=factory, progress=False, name="x")
+    assert envs and envs[0].closed and not (tmp_path / "x.json").exists()

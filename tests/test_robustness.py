@@ -117,3 +117,10 @@ def test_evaluate_strength_names_and_blind_control(runs, tmp_path):
     assert seen and all(np.all(images == BLIND_GREY) for images in seen)  # the policy saw grey frames only
     with pytest.raises(ValueError, match="not a number"):
         ev.evaluate(runs[0], ood="light:abc", **kw)
+
+
+def test_curves_default_to_validation_episodes(runs, tmp_path):
+    """A curve is how OOD strengths are chosen, and choices are made on validation seeds, never test seeds."""
+    report = robustness(runs[:1], "light", [0.0], episodes=2, out=tmp_path / "c.png", max_steps=3,
+                        env_factory=RecordingSquareEnv, progress=False)
+    assert report["episode_seeds"] == [300000, 300001]

@@ -30,7 +30,8 @@ from dapolicy.receding import RecedingHorizon, env_frame
 from dapolicy.spec import EnvSpec
 from dapolicy.stats import latency_summary, wilson_interval
 
-DEFAULT_SEED = 100_000
+DEFAULT_SEED = 100_000  # test episodes: the numbers reported
+VALIDATION_SEED = 300_000  # validation episodes: for choices (budgets, K, OOD strengths), docs/benchmark.md
 OOD_SUITE: tuple[str, ...] = ("none", *OOD_KINDS)
 
 EnvFactory = Callable[..., Env]
@@ -377,6 +378,9 @@ def _evaluate_one(run_dir: str | Path, episodes: int, ood: str, seed: int, env: 
         if environment.spec.name != spec.name and note_env:
             _note(f"the model was trained on {spec.name!r}; evaluating it on {environment.spec.name!r}, which has "
                   f"the same observation and action shapes")
+        if max_steps is not None and max_steps > environment.spec.max_steps:
+            raise ValueError(f"max_steps {max_steps} is above {env_name}'s episode limit "
+                             f"({environment.spec.max_steps} steps): the env would end every episode there")
         limit = max_steps if max_steps is not None else environment.spec.max_steps
         start = time.perf_counter()
         if parallel.workers > 1:

@@ -73,7 +73,7 @@ def robustness(runs: Sequence[str | Path], kind: str, strengths: Sequence[float]
     Returns the JSON's content: per run, one point per strength (success, Wilson 95% interval, score).
     """
     from dapolicy.atomic import write_json_atomic
-    from dapolicy.evaluate import DEFAULT_SEED, evaluate, load_policy
+    from dapolicy.evaluate import VALIDATION_SEED, evaluate, load_policy
     from dapolicy.policies.registry import check_run_finished, resolve_model_dir
     from dapolicy.runtime import torch_threads
 
@@ -87,7 +87,7 @@ def robustness(runs: Sequence[str | Path], kind: str, strengths: Sequence[float]
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if policies is not None and len(policies) != len(runs):
         raise ValueError(f"got {len(policies)} policies for {len(runs)} runs")
-    seed = DEFAULT_SEED if seed is None else int(seed)
+    seed = VALIDATION_SEED if seed is None else int(seed)
     out = Path(out)
     curves = []
     with torch_threads(threads):
@@ -160,7 +160,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strengths", default=",".join(f"{s:g}" for s in DEFAULT_STRENGTHS),
                         help="comma-separated strengths (default 0,0.5,1,1.5,2; 0 = in distribution)")
     parser.add_argument("--episodes", type=opt.positive_int, default=50, help="seeded episodes per point (default 50)")
-    opt.add_seed(parser, None, "episode i uses env seed SEED+i (default: eval's, 100000)")
+    opt.add_seed(parser, None, "episode i uses env seed SEED+i (default 300000, the validation range: a curve "
+                               "chooses strengths, and choices are made on validation seeds)")
     parser.add_argument("--env", default=None, help="task name (default: the one each model was trained on)")
     parser.add_argument("--max-steps", type=opt.positive_int, default=None,
                         help="episode step limit (default: the task's)")
