@@ -141,3 +141,20 @@ def test_markdown_puts_in_distribution_first_and_averages_the_ood_suites():
     two_seeds = bm.markdown_table(cells + [{**cell("fm", "none", 8), "seed": 1}], suite, "test")
     fm = next(line for line in two_seeds.splitlines() if line.startswith("| fm |"))
     assert "(60%, 80%; sd 14%; n=20)" in fm  # the seed spread beside the pooled interval
+
+
+def test_a_row_retrained_from_a_stage_trains_that_stage_and_every_later_one(smoke):
+    """`init_from` + `stage = "dynamics"` (e.g. the no-random-data ablation): the VAE is reused, the dynamics
+    model and then the policy are trained; the run is finished, so its cells can be evaluated."""
+    folder, work = smoke
+    text = (folder / "suite.toml").read_text() + ('\n[methods.dap-redyn]\nmethod = "dap"\nconfig = "tiny"\n'
+                                                  'init_from = "dap"\nstage = "dynamics"\n'
+                                                  'steps = "dynamics=2,policy=2"\nsuites = []\n')
+    (folder / "suite3.toml").write_text(text)
+    assert cli_main(["benchmark", str(folder / "suite3.toml"), "--work", str(work), "--only", "dap-redyn",
+                     "--train-only", "--quiet", "--threads", "1"]) == 0
+    run = work / "runs" / "dap-redyn" / "button" / "s0"
+    assert bm._finished(run)
+    state = json.loads((run / "state.json").read_text())
+    assert state["stages_done"][-2:] == ["dynamics", "policy"]
+    assert {"dynamics", "policy"} <= set(state["summaries"]) and "vae" not in state["summaries"]

@@ -239,3 +239,15 @@ def test_each_models_normaliser_is_fitted_on_its_own_stages_episodes(tmp_path: P
     assert float(policy.action_normalizer.high.max()) <= 0.5 < float(policy.dynamics_action_normalizer.high.max())
     fm = train(tmp_path / "data", tmp_path / "fm", method="fm", init_from=run, **{**FAST, "steps": 1})
     assert torch.equal(load_pretrained(fm).action_normalizer.high, policy.action_normalizer.high)
+
+
+def test_stage_lists_and_from_a_stage_on():
+    from dapolicy.train import _parse_stages
+
+    known = ("vae", "dynamics", "policy")
+    assert _parse_stages("all", known) is None and _parse_stages(None, known) is None
+    assert _parse_stages("dynamics,policy", known) == ("dynamics", "policy")
+    assert _parse_stages("dynamics+", known) == ("dynamics", "policy")
+    assert _parse_stages("vae+", known) == known
+    with pytest.raises(ValueError, match="unknown stage 'dynamic'"):
+        _parse_stages("dynamic+", known)

@@ -58,7 +58,8 @@ class VariantSpec:
     """One trained model per (task, seed): a method at a size, with budgets and config fields.
 
     init_from: another variant whose run (same task, same seed) provides the stages before `stage`.
-    stage: with init_from, the first stage trained here (default: the method's last stage).
+    stage: with init_from, the first stage trained here; it and every later stage are trained (default: the
+        method's last stage alone).
     run_of: evaluate another variant's trained run (no training): for generation settings such as `mode` and
         `flow_steps` (e.g. coupling ablations, K).
     tasks: restrict the variant to these tasks (None = every task); suites: its evaluation suites
@@ -291,7 +292,9 @@ class Runner:
         if exists:
             train(data, run, resume=True, **{k: kwargs[k] for k in ("threads", "progress", "device")})
         else:
-            train(data, run, init_from=source, stage=v.stage if source else "all", **kwargs)
+            # from `stage` on: every later stage is retrained too (it learned from the replaced one's output)
+            train(data, run, init_from=source, stage=f"{v.stage}+" if source and v.stage else
+                  (None if source else "all"), **kwargs)
         if not _finished(run):
             raise RuntimeError(f"training {run} stopped before every stage finished")
         return run

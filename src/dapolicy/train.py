@@ -40,13 +40,19 @@ __all__ = ["TrainConfig", "TrainingDiverged", "RunFolderError", "train", "config
 
 
 def _parse_stages(stage: str | Sequence[str] | None, known: tuple[str, ...]) -> tuple[str, ...] | None:
-    """"all" / None -> None (every stage); "dynamics,policy" or a sequence -> those stages."""
+    """"all" / None -> None (every stage); "dynamics,policy" or a sequence -> those stages; "dynamics+" -> that
+    stage and every later one (what retraining from a stage means: its successors were trained on its output)."""
     if stage is None:
         return None
     names = stage.split(",") if isinstance(stage, str) else list(stage)
     names = [n.strip() for n in names if n.strip()]
     if names in ([], ["all"]):
         return None
+    if len(names) == 1 and names[0].endswith("+"):
+        first = names[0][:-1].strip()
+        if first not in known:
+            raise ValueError(f"unknown stage {first!r} in {names[0]!r}: expected one of {', '.join(known)}")
+        return known[known.index(first):]
     bad = [n for n in names if n not in known]
     if bad:
         raise ValueError(f"unknown stage(s) {bad}: expected 'all' or a comma list of {', '.join(known)}")
@@ -300,8 +306,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="start from another run's (or model folder's) trained stages: the stages before "
                              "the first one trained here are copied (default --stage: the last stage only)")
     parser.add_argument("--stage", default="all",
-                        help="all (default), or one/several of vae,dynamics,policy (comma separated); a later "
-                             "stage alone loads the earlier ones from OUT/model")
+                        help="all (default), one/several of vae,dynamics,policy (comma separated), or NAME+ "
+                             "(that stage and every later one, e.g. dynamics+); a later stage alone loads the "
+                             "earlier ones from OUT/model or --init-from")
     parser.add_argument("--steps", default=None,
                         help="optimizer steps: N for every selected stage, or vae=900,dynamics=1500,policy=2200")
     add_seed(parser, None, "run seed (default 0, or the stored one of a resumed run)")
