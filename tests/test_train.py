@@ -251,3 +251,26 @@ def test_stage_lists_and_from_a_stage_on():
     assert _parse_stages("vae+", known) == known
     with pytest.raises(ValueError, match="unknown stage 'dynamic'"):
         _parse_stages("dynamic+", known)
+
+
+def test_init_from_guards(reference: Path, store_dir: Path, tmp_path: Path) -> None:
+    """--init-from copies into a fresh run only; a rerun must --resume (keeping the copied stages), a source's
+    unfinished stage is not copied, a failed copy leaves nothing to resume, and --seed cannot change."""
+    run = tmp_path / "child"
+    assert train(store_dir, run, init_from=reference, stop_after=1, **FAST) == run  # stopped in the policy stage
+    assert json.loads((run / "state.json").read_text())["stages_done"] == ["vae", "dynamics"]
+    with pytest.raises(RunFolderError, match="--resume"):  # would have retrained the copied stages
+        train(store_dir, run, init_from=reference, **FAST)
+    with pytest.raises(RunFolderError, match="started from"):
+        train(store_dir, run, init_from=tmp_path, resume=True, **FAST)
+    train(store_dir, run, resume=True, **FAST)
+    kinds = [(r.get("kind"), r.get("stage")) for r in read_metrics(run / "metrics.jsonl")]
+    assert ("stage_end", "vae") not in kinds and ("stage_end", "dynamics") not in kinds
+    with pytest.raises(RunFolderError, match="seed 3, not 5"):
+        train(store_dir, reference, stage="policy", seed=5, **FAST)
+
+    unfinished = tmp_path / "unfinished"
+    train(store_dir, unfinished, stop_after=STEPS["vae"] + 1, **FAST)  # stopped inside the dynamics stage
+    with pytest.raises(RunFolderError, match="never finished there"):
+        train(store_dir, tmp_path / "c2", init_from=unfinished, **FAST)
+    assert not (tmp_path / "c2" / "config.json").exists()  # a failed copy leaves no run to --resume

@@ -153,7 +153,7 @@ def _train(data_dir: str | Path, out_dir: str | Path, method: str | None, config
         on_main(held.enter_context, run.lock())  # one trainer per run folder (rank 0 holds the lock)
         all_stages = stage is None or (isinstance(stage, str) and stage.strip() in ("", "all"))
         stored = on_main(_check_run_folder, run, method, config, seed, all_stages and init_from is None, resume,
-                         overwrite)
+                         overwrite, Path(init_from).resolve() if init_from is not None else None)
         method = method or (stored or {}).get("method", "dap")
         config = config or (stored or {}).get("config", "small")
         seed = seed if seed is not None else (stored or {}).get("seed", 0)
@@ -246,7 +246,7 @@ def _policy_config(entry: Any, size: str, stored: dict[str, Any] | None, overrid
 
 
 def _check_run_folder(run: RunDir, method: str | None, config: str | None, seed: int | None, all_stages: bool,
-                      resume: bool, overwrite: bool) -> dict[str, Any] | None:
+                      resume: bool, overwrite: bool, init_from: Path | None = None) -> dict[str, Any] | None:
     """Refuse calls that would mix two runs in one folder; return the stored run configuration (or None)."""
     stored, state = run.read_config(), run.read_state()
     if overwrite and resume:
@@ -260,11 +260,23 @@ def _check_run_folder(run: RunDir, method: str | None, config: str | None, seed:
         if given is not None and given != stored[name]:
             raise RunFolderError(f"{run.root} holds a run with {name}={stored[name]!r}, not {given!r}: "
                                  f"choose another --out, or --overwrite")
-    if resume and seed is not None and seed != stored["seed"]:
-        raise RunFolderError(f"{run.root} was trained with seed {stored['seed']}, not {seed}")
-    if not resume and all_stages and (state["stages_done"] or run.last.exists()):
+    if seed is not None and seed != stored["seed"]:  # its trained stages used the stored seed
+        raise RunFolderError(f"{run.root} was trained with seed {stored['seed']}, not {seed}: drop --seed, or "
+                             f"--overwrite to start over")
+    started = bool(state["stages_done"]) or run.last.exists()
+    if not resume and all_stages and started:
         raise RunFolderError(f"{run.root} already holds a training run: pass --resume to continue it, "
                              f"--overwrite to start over, or choose another --out")
+    if init_from is not None and started:
+        # copying happens into a fresh run only: into a started one it would be skipped (or, without
+        # --resume, the copied stages retrained from scratch)
+        before = stored.get("init_from")
+        if not resume:
+            raise RunFolderError(f"{run.root} already holds a run" + (f" started from {before}" if before else "")
+                                 + ": pass --resume (without --init-from) to continue it, --overwrite to start "
+                                   "over, or choose another --out")
+        if before != str(init_from):
+            raise RunFolderError(f"{run.root} was started from {before or 'scratch'}, not --init-from {init_from}")
     return stored
 
 

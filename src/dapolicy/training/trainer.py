@@ -122,6 +122,13 @@ class Trainer:
         from dapolicy.policies.registry import load_pretrained, resolve_model_dir
 
         source_dir = resolve_model_dir(self.req.init_from)
+        source_run = RunDir(source_dir.parent)
+        source_state = source_run.read_state() if source_run.state_file.exists() else None
+        unfinished = [s for s in stages if source_state is not None and s not in source_state["stages_done"]]
+        if unfinished:  # a run folder's model/ is saved after every stage: a later stage may be untrained there
+            raise RunFolderError(f"--init-from {source_dir.parent}: stage(s) {unfinished} never finished there "
+                                 f"(finished: {', '.join(source_state['stages_done']) or 'none'}); finish it first "
+                                 f"(dap train --out {source_dir.parent} --resume)")
         source = load_pretrained(source_dir)
         if tuple(source.spec.cameras) != tuple(policy.spec.cameras) or source.spec.image_size != policy.spec.image_size:
             raise RunFolderError(f"--init-from {source_dir}: trained on {source.spec.name} "
@@ -242,7 +249,13 @@ class Trainer:
             if first == 0:
                 raise RunFolderError("--init-from copies the stages before the first one trained; with --stage "
                                      f"{selected[0]} there is nothing to copy (choose a later --stage)")
-            self._copy_stages(policy, order[:first], state, log)
+            try:
+                self._copy_stages(policy, order[:first], state, log)
+            except BaseException:
+                # nothing was copied: leave no run configuration behind, or a later --resume would find a
+                # "started" run without its copied stages and train them from scratch
+                on_main(lambda: self.run.config.unlink(missing_ok=True))
+                raise
         budget = StepBudget(self.req.stop_after)
         for stage in selected:
             if self.req.resume and stage in state["stages_done"]:
