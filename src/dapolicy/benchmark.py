@@ -444,6 +444,8 @@ def markdown_table(cells: list[dict[str, Any]], suite: Suite, split: str) -> str
         lines += [f"## {task} (`{suite.tasks[task].env}`)", "",
                   "| method | " + " | ".join(columns) + " | p50 ms |", "|---|" + "---|" * (len(columns) + 1)]
         for m in methods:
+            if not any(k[0] == m and k[1] == task for k in agg):
+                continue  # no cell of this method on this task: no row of dashes
             row = [m]
             lat = None
             for kind in kinds:
