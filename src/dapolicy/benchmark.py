@@ -292,9 +292,10 @@ class Runner:
         if exists:
             train(data, run, resume=True, **{k: kwargs[k] for k in ("threads", "progress", "device")})
         else:
-            # from `stage` on: every later stage is retrained too (it learned from the replaced one's output)
-            train(data, run, init_from=source, stage=f"{v.stage}+" if source and v.stage else
-                  (None if source else "all"), **kwargs)
+            # from `stage` on: every later stage is retrained too (it learned from the replaced one's output);
+            # no stage given: init_from's default, the last stage alone
+            stage = "all" if source is None else (f"{v.stage}+" if v.stage else None)
+            train(data, run, init_from=source, stage=stage, **kwargs)
         if not _finished(run):
             raise RuntimeError(f"training {run} stopped before every stage finished")
         return run

@@ -220,8 +220,7 @@ class Policy(nn.Module, ABC):
             raise UnsupportedByMethod(f"method {self.method!r} has no generation mode {mode!r} (modes: {offered})")
         if return_trace and not caps.has_trace:
             raise UnsupportedByMethod(f"method {self.method!r} records no sampling trace")
-        if steps is not None and steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        check_flow_steps(steps)
         self.ensure_eval()
         batch = self.validate_obs(obs)
         return self._predict(batch, return_next=return_next and caps.predicts_next_obs, mode=mode, steps=steps,
@@ -371,3 +370,10 @@ class TrainingPresets:
 def preset_field(steps: int, lr: float, batch_size: int) -> Any:
     """A dataclass field whose default is a fresh `StagePreset`."""
     return field(default_factory=lambda: StagePreset(steps, lr, batch_size))
+
+
+def check_flow_steps(steps: int | None) -> int | None:
+    """`steps` (None = the config's) if it is a valid number of flow steps: below 1 is an error, not the default."""
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return steps

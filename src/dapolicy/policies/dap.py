@@ -26,7 +26,7 @@ from dapolicy.flow import (
     velocity_target,
 )
 from dapolicy.nn.dit import LatentDynamicsDiT
-from dapolicy.policies.base import Capabilities, ChunkPrediction, StageSpec, require
+from dapolicy.policies.base import Capabilities, ChunkPrediction, StageSpec, check_flow_steps, require
 from dapolicy.policies.coupling import COUPLING_MODES, CouplingTrace, coupled_generation, sample_policy
 from dapolicy.policies.dap_config import NEXT_OBS_SOURCES, DAPConfig
 from dapolicy.policies.fm import FMPolicy
@@ -276,7 +276,7 @@ class DAPPolicy(FMPolicy):
             action = self.dynamics_action_normalizer.normalize(action)
         current = batch["latents"][:, -1]
         proprio = self.dynamics_proprio(batch["proprio"])
-        steps = _flow_steps(steps, self.config.flow.steps)
+        steps = check_flow_steps(steps) or self.config.flow.steps
         z = torch.randn(current.shape, generator=generator, device=self.device)
         for tau in time_grid(steps):
             v = self.dynamics(z, torch.full((b,), tau, device=z.device), current, action, proprio)
@@ -303,7 +303,7 @@ class DAPPolicy(FMPolicy):
         policy_velocity = self._policy_velocity(self.observation_tokens(batch, augment=False), b)
         shape = (b, self.config.horizon, self.spec.action_dim)
         a0 = torch.randn(shape, generator=generator, device=self.device)  # as predict_chunk draws it
-        a = sample_policy(policy_velocity, a0, _flow_steps(steps, self.config.flow.steps), z_cond)
+        a = sample_policy(policy_velocity, a0, check_flow_steps(steps) or self.config.flow.steps, z_cond)
         return self.action_normalizer.unnormalize(a).cpu().numpy()
 
     # ------------------------------------------------------------------ inference
@@ -319,15 +319,6 @@ class DAPPolicy(FMPolicy):
                                            return_trace, generator)
         next_frames = self.decode_latents(z).cpu().numpy() if return_next and z is not None else None
         return ChunkPrediction(self.action_normalizer.unnormalize(a).cpu().numpy(), next_frames, trace)
-
-
-def _flow_steps(steps: int | None, default: int) -> int:
-    """The number of flow steps asked for (None = the config's); anything below 1 is an error, not the default."""
-    if steps is None:
-        return default
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return int(steps)
 
 
 def _method():  # -> registry.Method (imported late: the registry imports this module)

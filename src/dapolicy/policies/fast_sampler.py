@@ -552,8 +552,7 @@ def _parallel(options: SamplerOptions, device: torch.device, runner: Runner) -> 
         return False  # two threads would run dynamo at once, which is not thread-safe
     if options.parallel != "auto":
         return options.parallel == "on"
-    return (device.type == "cpu" and runner is not run_eager and not isinstance(runner, CompileRunner)
-            and _available_cores() >= 2)
+    return device.type == "cpu" and runner is not run_eager and _available_cores() >= 2
 
 
 def _threads_per_model(options: SamplerOptions, device: torch.device, batch: int, parallel: bool) -> int | None:
