@@ -5,6 +5,7 @@ Performance itself is never asserted here: the machine is shared; these tests ch
 
 import json
 
+import pytest
 import torch
 
 from dapolicy.bench import bench_latency, bench_modes, synthetic_batch
@@ -51,6 +52,30 @@ def test_dap_bench_latency_cli_writes_json(tmp_path, capsys):
     assert {"ratio_dap_over_fm", "dap_p50_ms", "fm_p50_ms"} <= set(report["per_k"]["2"])
     assert {r["method"] for r in report["results"]} == {"dap", "fm", "dap-reference", "fm-reference"}
     assert "load_avg_1_5_15" in report["machine"] and "Jacobi DAP over FM" in capsys.readouterr().out
+
+
+def test_dap_bench_latency_sampler_and_precision_options_are_applied_and_recorded(tmp_path, monkeypatch):
+    from dapolicy.policies import fast_sampler
+
+    monkeypatch.setattr(fast_sampler, "_DEFAULT", fast_sampler.SamplerOptions())  # the CLI sets the default
+    saved = torch.get_float32_matmul_precision()
+    out = tmp_path / "latency.json"
+    try:
+        code = main(["bench", "latency", "--config", "tiny", "--batch", "1", "--steps", "1", "--reps", "1",
+                     "--methods", "fm", "--threads", "1", "--sampler", "trace=on,threads=1",
+                     "--matmul-precision", "high", "--out", str(out)])
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    report = json.loads(out.read_text())
+    assert code == 0 and report["sampler"] == {"trace": "on", "parallel": "auto", "threads": 1, "cuda_graph": "auto"}
+    assert report["matmul_precision"] == "high"
+
+
+@pytest.mark.parametrize("setting,message", [("trace=maybe", "trace must be"), ("speed=9", "KEY one of"),
+                                             ("trace", "KEY=VALUE")])
+def test_dap_bench_rejects_bad_sampler_settings(setting, message, capsys):
+    assert main(["bench", "latency", "--sampler", setting]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_dap_bench_train_cli_reports_every_stage(tmp_path):

@@ -174,7 +174,8 @@ def bench_latency(size: str = "small", device: str = "cpu", batches: list[int] |
     from dapolicy.policies.fast_sampler import get_options
 
     return {"kind": "latency", "config": size, "reps": reps, "batches": batches, "steps": steps, "threads": threads,
-            "sampler": dataclasses.asdict(get_options(None)), "machine": info,
+            "sampler": dataclasses.asdict(get_options(None)),
+            "matmul_precision": torch.get_float32_matmul_precision(), "machine": info,
             "load_avg_after": machine_info(device).get("load_avg_1_5_15"),
             "results": results, "per_k": dap_over_fm(results, steps, batches, threads)}
 
@@ -211,6 +212,7 @@ def print_latency(report: dict[str, Any]) -> None:
     print(f"# dap bench latency: config {report['config']}, {m['device']}, torch threads {report['threads']}, "
           f"{report['reps']} interleaved chunks per case, load before {m.get('load_avg_1_5_15')} "
           f"after {report.get('load_avg_after')}")
+    print(f"# fast sampler {report['sampler']}, float32 matmul precision {report.get('matmul_precision')}")
     for t in report["threads"]:
         for b in report["batches"]:
             rows: dict[tuple[str, str], dict[int, dict]] = {}
@@ -363,6 +365,26 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _sampler_settings(text: str) -> dict[str, Any]:
+    """`trace=on,parallel=on,threads=1` -> the fast sampler's option changes (validated by SamplerOptions)."""
+    from dapolicy.policies.fast_sampler import SamplerOptions
+
+    fields = {f.name for f in dataclasses.fields(SamplerOptions)}
+    changes: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in fields:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {sorted(fields)}, "
+                                             f"got {item!r}")
+        value = value.strip()
+        changes[key.strip()] = int(value) if value.isdigit() else value
+    try:
+        SamplerOptions(**changes)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return changes
+
+
 def _write_json(path: str, report: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
@@ -391,6 +413,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", action="store_true",
                    help="latency: also time DAP (Jacobi) and FM through the reference sampler (before/after)")
     p.add_argument("--flow-steps", type=positive_int, default=None, help="modes: K (default: the model's)")
+    p.add_argument("--sampler", type=_sampler_settings, default={}, metavar="KEY=VALUE[,...]",
+                   help="fast-sampler options for DAP and FM, e.g. trace=on,parallel=on (see "
+                        "policies/fast_sampler.py::SamplerOptions; default: its auto rules)")
+    p.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
+                   help="torch.set_float32_matmul_precision for the run: high = TF32 on NVIDIA GPUs "
+                        "(default: torch's, highest); recorded in the JSON")
     add_out(p, "also write every figure to this JSON file (--json: the older spelling)", "--json", dest="json")
 
 
@@ -402,6 +430,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
     if args.threads:
         torch.set_num_threads(args.threads[0])
+    if args.sampler:
+        from dapolicy.policies.fast_sampler import set_options
+
+        set_options(None, **args.sampler)
+    if args.matmul_precision:
+        torch.set_float32_matmul_precision(args.matmul_precision)
     if args.what not in SUBMODES:  # `dap bench RUN`: the original behaviour
         if args.run is not None:
             raise ValueError(f"unknown bench mode {args.what!r} (latency, train, modes RUN, or a bare RUN)")

@@ -140,8 +140,9 @@ class PolicyServer:
         self._in_flight = 0
         self.port: int | None = None
         self.metadata = self._metadata()
-        if warm_up:  # the first call pays for lazy initialisation; no client should see that
-            self._predict(self._blank_batch(), None, None, None, False)
+        if warm_up:  # the first calls pay for lazy initialisation (traces from the 2nd call on a CPU, the CUDA
+            for _ in range(2):  # graph on a GPU, see fast_sampler.SamplerOptions); no client should see that
+                self._predict(self._blank_batch(), None, None, None, False)
 
     # ------------------------------------------------------------------ model side (worker thread)
     def _metadata(self) -> dict[str, Any]:

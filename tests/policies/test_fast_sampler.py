@@ -27,7 +27,7 @@ def _randomise(module: nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def _policy(method: str, **overrides):
+def _policy(method: str, device: str = "cpu", **overrides):
     """Random weights, and fitted statistics that differ between the policy (expert-like data) and the
     dynamics model (wider, shifted data): identity normalisers would hide a missing or doubled mapping."""
     torch.manual_seed(0)
@@ -37,7 +37,7 @@ def _policy(method: str, **overrides):
     expert = type("D", (), {"action": rng.uniform(-0.5, 0.4, (40, 3)), "proprio": rng.uniform(0, 1, (40, 2))})
     everything = type("D", (), {"action": rng.uniform(-3, 2, (80, 3)), "proprio": rng.uniform(-2, 3, (80, 2))})
     policy.fit_normalizers(lambda stage: everything if stage == "dynamics" else expert)
-    return policy.eval()
+    return policy.to(device).eval()
 
 
 def _obs(b: int, seed: int = 0) -> dict:
@@ -53,28 +53,28 @@ def _reference(policy, obs: dict, mode: str, seed: int, steps: int = STEPS):
     coupled = hasattr(policy, "dynamics")
     if policy.config.obs_encoder == "vae" or (coupled and mode != "off"):
         batch["latents"] = policy.encode_latents(batch["images"])
-    b = batch["proprio"].shape[0]
+    b, dev = batch["proprio"].shape[0], policy.device
     net = policy.policy_net
     context = net.unet.prepare_context(policy.observation_tokens(batch, augment=False))
 
     def policy_velocity(a, tau, z_hat):
         dynamic = policy.next_observation_tokens(z_hat, b) if coupled else None
-        return net.unet(a, torch.full((b,), tau), static=context, dynamic_tokens=dynamic)
+        return net.unet(a, torch.full((b,), tau, device=dev), static=context, dynamic_tokens=dynamic)
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(dev).manual_seed(seed)
     trace = CouplingTrace()
     if not coupled:
-        a0 = torch.randn((b, policy.config.horizon, SPEC.action_dim), generator=g)
+        a0 = torch.randn((b, policy.config.horizon, SPEC.action_dim), generator=g, device=dev)
         return sample_policy(policy_velocity, a0, steps, None, trace), None, trace.as_dict()
-    z0 = torch.randn((b, 2, policy.latent_channels, policy.latent_size, policy.latent_size), generator=g)
-    a0 = torch.randn((b, policy.config.horizon, SPEC.action_dim), generator=g)
+    z0 = torch.randn((b, 2, policy.latent_channels, policy.latent_size, policy.latent_size), generator=g, device=dev)
+    a0 = torch.randn((b, policy.config.horizon, SPEC.action_dim), generator=g, device=dev)
     current = batch["latents"][:, -1] if mode != "off" else None
     proprio = policy.dynamics_proprio(batch["proprio"])  # the dynamics model's own statistics
     scale, shift = policy.policy_to_dynamics_action()  # the policy's action units -> the dynamics model's
 
     def dynamics_velocity(z, tau, a_hat):
-        return policy.dynamics(z, torch.full((b,), tau), current, None if a_hat is None else a_hat * scale + shift,
-                               proprio)
+        action = None if a_hat is None else a_hat * scale + shift
+        return policy.dynamics(z, torch.full((b,), tau, device=dev), current, action, proprio)
 
     a, z = coupled_generation(dynamics_velocity, policy_velocity, z0, a0, steps, mode, trace)
     return a, z, trace.as_dict()
@@ -84,7 +84,7 @@ def _fast(policy, obs: dict, mode: str, seed: int, return_next: bool = True, ret
           steps: int = STEPS):
     batch = policy.validate_obs(obs)
     return fast_sampler.predict(policy, batch, return_next, mode, steps, return_trace,
-                                torch.Generator().manual_seed(seed))
+                                torch.Generator(policy.device).manual_seed(seed))
 
 
 CASES = [("dap", mode) for mode in COUPLING_MODES] + [("fm", "off")]
@@ -110,6 +110,84 @@ def test_fast_sampler_matches_the_reference(method, mode, run):
     # without frames or trace, the actions are the same (the skipped last dynamics call fed nothing else)
     a_only, _, _ = _fast(policy, obs, mode, seed=5, return_next=False, return_trace=False)
     torch.testing.assert_close(a_only, a_ref, rtol=0, atol=ATOL)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("method,mode", CASES)
+@pytest.mark.parametrize("run", ["eager", "streams", "traced_streams", "graph", "graph_streams"])
+def test_fast_sampler_matches_the_reference_on_cuda(method, mode, run, monkeypatch):
+    """On a GPU the concurrent Jacobi step runs the dynamics call on a side stream (`Concurrent`), and a
+    graphed call replays captured kernels on copied inputs: a missing stream wait or a stale input buffer
+    only shows as wrong numbers, so compare them, for two different observations in a row."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 rounding would differ per path
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    policy = _policy(method, device="cuda")
+    fast_sampler.set_options(policy, trace="on" if run == "traced_streams" else "off",
+                             parallel="off" if run in ("eager", "graph") else "on",
+                             cuda_graph="on" if run.startswith("graph") else "off")
+    for seed in (0, 1, 0):  # the third call replays the first one's graph on new inputs again
+        obs = _obs(3, seed=seed)
+        a_ref, z_ref, _ = _reference(policy, obs, mode, seed=5 + seed)
+        a, z, _ = _fast(policy, obs, mode, seed=5 + seed, return_trace=False)
+        torch.testing.assert_close(a, a_ref, rtol=0, atol=1e-4)
+        if z_ref is not None:
+            torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-4)
+    if run.startswith("graph"):
+        (entry,) = fast_sampler._state(policy).constants["cuda_graphs"].graphs.values()
+        assert entry is not fast_sampler._EAGER, "the call was not captured"
+
+
+@CUDA
+def test_a_call_that_cannot_be_captured_runs_eagerly_and_leaves_cuda_usable(monkeypatch):
+    encode = fast_sampler._encode_observation
+
+    def encode_with_a_host_sync(*args, **kwargs):
+        tokens, current = encode(*args, **kwargs)
+        float(tokens.sum())  # reads a value back: not capturable
+        return tokens, current
+
+    monkeypatch.setattr(fast_sampler, "_encode_observation", encode_with_a_host_sync)
+    policy = _policy("dap", device="cuda")
+    fast_sampler.set_options(policy, cuda_graph="on")
+    obs = _obs(2)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        a, _, _ = _fast(policy, obs, "jacobi", seed=1, return_trace=False)
+    a_ref, _, _ = _reference(policy, obs, "jacobi", seed=1)
+    torch.testing.assert_close(a, a_ref, rtol=0, atol=1e-3)
+    torch.randn(4, device="cuda")  # the default generator still works
+    a_again, _, _ = _fast(policy, obs, "jacobi", seed=1, return_trace=False)  # eager from now on, no warning
+    torch.testing.assert_close(a_again, a, rtol=0, atol=0)
+
+
+@CUDA
+def test_cuda_graphs_follow_weight_updates(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    policy = _policy("dap", device="cuda")
+    obs = _obs(1)
+    for _ in range(3):  # the default: eager first, graphed from the second call with the same weights
+        policy.predict_chunk(obs, mode="jacobi", steps=STEPS)
+    assert "cuda_graphs" in fast_sampler._state(policy).constants
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(1.1)
+    for _ in range(3):
+        a, _, _ = _fast(policy, obs, "jacobi", seed=2, return_trace=False)
+    a_ref, _, _ = _reference(policy, obs, "jacobi", seed=2)
+    torch.testing.assert_close(a, a_ref, rtol=0, atol=1e-4)
+
+
+def test_cuda_graphs_are_used_from_the_second_call_on_a_gpu_only():
+    graphed, cuda, cpu = fast_sampler._graphed, torch.device("cuda"), torch.device("cpu")
+    auto, on, off = (fast_sampler.SamplerOptions(cuda_graph=v) for v in ("auto", "on", "off"))
+    assert not graphed(auto, cuda, 1, False) and graphed(auto, cuda, 2, False) and graphed(on, cuda, 1, False)
+    assert not graphed(auto, cuda, 2, True)  # a traced call records per-step tensors in Python
+    assert not graphed(off, cuda, 5, False) and not graphed(on, cpu, 5, False)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        fast_sampler.SamplerOptions(cuda_graph="maybe")
 
 
 @pytest.mark.parametrize("mode", ["jacobi", "off"])

@@ -19,10 +19,12 @@ images arrive as uint8 [..., S, S, 3].
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
@@ -338,8 +340,24 @@ class Policy(nn.Module, ABC):
         return counts
 
 
+_VALIDATED = contextvars.ContextVar("dapolicy_inputs_validated", default=False)
+
+
+@contextlib.contextmanager
+def validated_inputs() -> Iterator[None]:
+    """Inside this block `require` skips its NaN / inf check: for sampling, whose batch `validate_obs` already
+    checked. On a GPU that check reads a value back to the host (a sync), which stalls the call and which a
+    CUDA graph cannot capture."""
+    token = _VALIDATED.set(True)
+    try:
+        yield
+    finally:
+        _VALIDATED.reset(token)
+
+
 def require(batch: Mapping[str, Tensor], key: str, ndim: int) -> Tensor:
-    """A batch entry, checked for presence, rank and finiteness (errors name the key)."""
+    """A batch entry, checked for presence, rank and finiteness (errors name the key; finiteness not inside
+    `validated_inputs`)."""
     if key not in batch:
         raise ValueError(f"batch is missing key {key!r} (have {sorted(batch)})")
     value = batch[key]
@@ -347,7 +365,7 @@ def require(batch: Mapping[str, Tensor], key: str, ndim: int) -> Tensor:
         value = torch.as_tensor(np.asarray(value))
     if value.dim() != ndim:
         raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)}, expected {ndim} dimensions")
-    if value.is_floating_point():
+    if value.is_floating_point() and not _VALIDATED.get():
         check_finite(key, value)
     return value
 
