@@ -53,6 +53,34 @@ def test_finished_cells_are_never_redone(smoke, capsys):
     assert capsys.readouterr().out.count("todo") == 4
 
 
+def test_a_changed_row_makes_its_finished_cells_stale_and_the_run_refuses(smoke, tmp_path, capsys):
+    folder, work = smoke
+    copy = tmp_path / "smoke"
+    shutil.copytree(folder, copy)
+    cell = json.loads((copy / "cells" / "test" / "fm__button__s0__none.json").read_text())
+    assert cell["recipe"]["steps"] == "2" and cell["recipe"]["source"]["method"] == "dap"  # the init_from row's
+    text = (copy / "suite.toml").read_text()
+    (copy / "suite.toml").write_text(text.replace('[methods.dap]\nmethod = "dap"\nconfig = "tiny"\nsteps = "2"',
+                                                  '[methods.dap]\nmethod = "dap"\nconfig = "tiny"\nsteps = "3"'))
+    args = ["benchmark", str(copy / "suite.toml"), "--work", str(work), "--quiet"]
+    assert cli_main(args + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "stale dap__button__s0__none.json (test): row changed in steps" in out
+    assert "stale fm__button__s0__none.json (test): row changed in source.steps" in out  # fm starts from dap
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "4 finished cell(s)" in err and "new name" in err
+
+
+def test_cells_from_before_recipes_are_compared_on_the_fields_they_recorded(smoke):
+    folder, _ = smoke
+    suite = bm.load_suite(folder / "suite.toml")
+    cell = bm.Cell("fm", "button", 0, "none", "test")
+    old = {"base_method": "fm", "config": "tiny", "steps": "2", "set": ["obs_encoder=vae"], "init_from": "dap"}
+    assert bm.stale_fields(suite, cell, old) == []  # a pinned default in `set` is not a change
+    assert bm.stale_fields(suite, cell, {**old, "steps": "5", "init_from": None}) == ["steps", "init_from"]
+
+
 def test_bad_suite_files_are_named(tmp_path):
     bad = tmp_path / "suite.toml"
     bad.write_text('[tasks.a]\nenv = "pusht"\n[methods.x]\nmethod = "dpcc"\n')

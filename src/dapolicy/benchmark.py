@@ -237,6 +237,62 @@ def cell_path(suite: Suite, cell: Cell) -> Path:
     return suite.results_dir / "cells" / cell.split / cell.file_name
 
 
+#: The suite-row fields a cell's result depends on (its recipe); `tasks`, `suites` and `seeds` only select cells.
+RECIPE_FIELDS = ("method", "config", "steps", "set", "init_from", "stage", "mode", "flow_steps", "run_of")
+
+
+def variant_recipe(suite: Suite, name: str) -> dict[str, Any]:
+    """What a variant's cells depend on: its recipe fields and, under "source", its init_from / run_of row's."""
+    v = suite.variants[name]
+    recipe: dict[str, Any] = {f: getattr(v, f) for f in RECIPE_FIELDS}
+    source = v.run_of or v.init_from
+    if source:
+        recipe["source"] = variant_recipe(suite, source)
+    return recipe
+
+
+def stale_fields(suite: Suite, cell: Cell, record: dict[str, Any]) -> list[str]:
+    """The recipe fields in which a finished cell differs from the suite row as it is now (empty: up to date).
+
+    Cells written before recipes were recorded are compared on method, config, steps and init_from, not on
+    `set`: rows pinned their fields explicitly when the `small` defaults changed (e.g. `obs_encoder=vae`), so
+    an old cell's shorter list can mean the same model."""
+    current = variant_recipe(suite, cell.variant)
+    if "recipe" in record:
+        return _differences(record["recipe"], current)
+    legacy = {"base_method": current["method"], **{f: current[f] for f in ("config", "steps", "init_from")}}
+    return [name for name, want in legacy.items() if name in record and record[name] != want]
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(prefix + key)
+    return out
+
+
+def check_not_stale(suite: Suite, cells: list[Cell]) -> None:
+    """Refuse to go on when a finished cell of the selection came from another version of its suite row: it
+    would be counted as done, and its trained run resumed, under a recipe it never had."""
+    stale = []
+    for cell in cells:
+        path = cell_path(suite, cell)
+        if path.is_file():
+            fields = stale_fields(suite, cell, json.loads(path.read_text()))
+            if fields:
+                stale.append(f"{path} ({', '.join(fields)})")
+    if stale:
+        shown = "\n  ".join(stale[:5]) + (f"\n  ... and {len(stale) - 5} more" if len(stale) > 5 else "")
+        raise SuiteError(f"{len(stale)} finished cell(s) of suite {suite.name!r} were made with another version of "
+                         f"their row (changed fields in brackets):\n  {shown}\nGive the changed row a new name "
+                         f"(keeping the old row's cells), or delete those cells and the row's run folders under "
+                         f"--work to redo them.")
+
+
 # ----------------------------------------------------------------------------------------------- running
 class Runner:
     """Collects, trains and evaluates the cells of one suite in a work folder; skips what is done."""
@@ -336,12 +392,14 @@ class Runner:
             # latencies are comparable only between cells with the same threads and workers
             "eval_threads": self.threads or _torch_threads(), "eval_workers": self.workers,
             "config": v.config, "steps": v.steps, "set": v.set, "init_from": v.init_from,
+            "recipe": variant_recipe(self.suite, cell.variant),
             "dapolicy_commit": _git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         write_json_atomic(path, cellrec)
         return cellrec
 
     def run(self, cells: list[Cell]) -> None:
+        check_not_stale(self.suite, cells)
         done = sum(cell_path(self.suite, c).is_file() for c in cells)
         self._say(f"suite {self.suite.name!r}: {len(cells)} cells, {done} already done")
         for i, cell in enumerate(cells):
@@ -555,7 +613,10 @@ def run(args: argparse.Namespace) -> int:
                        _csv_list(args.suites))
     if args.dry_run:
         for c in cells:
-            print(f"{'done ' if cell_path(suite, c).is_file() else 'todo '} {c.file_name} ({c.split})")
+            path = cell_path(suite, c)
+            fields = stale_fields(suite, c, json.loads(path.read_text())) if path.is_file() else []
+            status = "stale" if fields else "done " if path.is_file() else "todo "
+            print(f"{status} {c.file_name} ({c.split})" + (f": row changed in {', '.join(fields)}" if fields else ""))
         return 0
     work = Path(args.work) if args.work else Path("runs") / "benchmarks" / suite.name
     runner = Runner(suite, work, threads=args.threads, progress=not args.quiet, device=args.device,
