@@ -53,23 +53,51 @@ def test_finished_cells_are_never_redone(smoke, capsys):
     assert capsys.readouterr().out.count("todo") == 4
 
 
-def test_a_changed_row_makes_its_finished_cells_stale_and_the_run_refuses(smoke, tmp_path, capsys):
+def test_a_changed_row_makes_its_runs_cells_stale_and_the_run_refuses(smoke, tmp_path, capsys):
     folder, work = smoke
     copy = tmp_path / "smoke"
     shutil.copytree(folder, copy)
     cell = json.loads((copy / "cells" / "test" / "fm__button__s0__none.json").read_text())
     assert cell["recipe"]["steps"] == "2" and cell["recipe"]["source"]["method"] == "dap"  # the init_from row's
+    assert json.loads((work / "runs" / "dap" / "button" / "s0" / bm.RUN_RECIPE_FILE).read_text())["steps"] == "2"
     text = (copy / "suite.toml").read_text()
     (copy / "suite.toml").write_text(text.replace('[methods.dap]\nmethod = "dap"\nconfig = "tiny"\nsteps = "2"',
                                                   '[methods.dap]\nmethod = "dap"\nconfig = "tiny"\nsteps = "3"'))
     args = ["benchmark", str(copy / "suite.toml"), "--work", str(work), "--quiet"]
     assert cli_main(args + ["--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "stale dap__button__s0__none.json (test): row changed in steps" in out
-    assert "stale fm__button__s0__none.json (test): row changed in source.steps" in out  # fm starts from dap
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["dap__button__s0__none.json"].startswith("stale") and ": steps" in lines["dap__button__s0__none.json"]
+    assert "source.steps" in lines["fm__button__s0__light.json"]  # fm starts from dap
     assert cli_main(args) == 2
     err = capsys.readouterr().err
-    assert "4 finished cell(s)" in err and "new name" in err
+    assert "4 cell(s)" in err and "dap/button/0" in err and "new name" in err
+    # before any cell finished, the recipe written into the run folder tells the same
+    shutil.rmtree(copy / "cells")
+    assert cli_main(args + ["--dry-run", "--only", "dap"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("stale") == 2 and bm.RUN_RECIPE_FILE in out
+
+
+def test_one_stale_cell_makes_every_cell_of_its_run_stale(smoke, tmp_path):
+    folder, _ = smoke
+    copy = tmp_path / "smoke"
+    shutil.copytree(folder, copy)
+    path = copy / "cells" / "test" / "fm__button__s0__none.json"
+    record = json.loads(path.read_text())
+    record["recipe"]["set"] = ["unet.gated_dynamic_context=true"]  # as if that row had been edited since
+    path.write_text(json.dumps(record))
+    suite = bm.load_suite(copy / "suite.toml")
+    stale = bm.stale_cells(suite, bm.plan_cells(suite, "test"))
+    assert sorted(c.file_name for c in stale) == ["fm__button__s0__light.json", "fm__button__s0__none.json"]
+    assert all("fm__button__s0__none.json: set" in why for why in stale.values())
+
+
+def test_a_source_rows_evaluation_settings_do_not_reach_the_rows_that_start_from_it(smoke, tmp_path):
+    folder, _ = smoke
+    suite = bm.load_suite(folder / "suite.toml")
+    suite.variants["dap"].flow_steps = 3  # evaluation only: the fm run, which starts from dap's, is the same
+    assert bm.stale_cells(suite, [bm.Cell("fm", "button", 0, "none", "test")]) == {}
+    assert bm.stale_cells(suite, [bm.Cell("dap", "button", 0, "none", "test")])
 
 
 def test_cells_from_before_recipes_are_compared_on_the_fields_they_recorded(smoke):

@@ -239,15 +239,29 @@ def cell_path(suite: Suite, cell: Cell) -> Path:
 
 #: The suite-row fields a cell's result depends on (its recipe); `tasks`, `suites` and `seeds` only select cells.
 RECIPE_FIELDS = ("method", "config", "steps", "set", "init_from", "stage", "mode", "flow_steps", "run_of")
+#: The fields a trained run depends on (a row's evaluation settings do not reach the rows that start from it).
+TRAINING_FIELDS = ("method", "config", "steps", "set", "init_from", "stage")
+#: Written into each run folder the benchmark trains: the training recipe it was trained under.
+RUN_RECIPE_FILE = "benchmark_recipe.json"
+
+
+def training_recipe(suite: Suite, name: str) -> dict[str, Any]:
+    """What a variant's trained run depends on: its training fields and, under "source", its init_from row's."""
+    v = suite.variants[name]
+    recipe: dict[str, Any] = {f: getattr(v, f) for f in TRAINING_FIELDS}
+    if v.init_from:
+        recipe["source"] = training_recipe(suite, v.init_from)
+    return recipe
 
 
 def variant_recipe(suite: Suite, name: str) -> dict[str, Any]:
-    """What a variant's cells depend on: its recipe fields and, under "source", its init_from / run_of row's."""
+    """What a variant's cells depend on: its recipe fields and, under "source", the training recipe of the
+    row it starts from (init_from) or evaluates (run_of)."""
     v = suite.variants[name]
     recipe: dict[str, Any] = {f: getattr(v, f) for f in RECIPE_FIELDS}
     source = v.run_of or v.init_from
     if source:
-        recipe["source"] = variant_recipe(suite, source)
+        recipe["source"] = training_recipe(suite, source)
     return recipe
 
 
@@ -275,22 +289,48 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def check_not_stale(suite: Suite, cells: list[Cell]) -> None:
-    """Refuse to go on when a finished cell of the selection came from another version of its suite row: it
-    would be counted as done, and its trained run resumed, under a recipe it never had."""
-    stale = []
-    for cell in cells:
-        path = cell_path(suite, cell)
-        if path.is_file():
-            fields = stale_fields(suite, cell, json.loads(path.read_text()))
-            if fields:
-                stale.append(f"{path} ({', '.join(fields)})")
+def _run_key(suite: Suite, cell: Cell) -> tuple[str, str, int]:
+    """The trained run a cell is evaluated on: (training row, task, seed)."""
+    v = suite.variants[cell.variant]
+    return v.run_of or v.name, cell.task, cell.seed
+
+
+def stale_cells(suite: Suite, cells: list[Cell], work: Path | None = None) -> dict[Cell, str]:
+    """The cells of the selection whose trained run came from another version of a suite row, with why.
+
+    A run is stale when any finished cell evaluated on it (either split, selected or not) differs from the
+    suite as it is now, or when the recipe written into its folder (under `work`) does. Then every cell of
+    that run is stale, finished or not: an unfinished one would be evaluated on the old model."""
+    reasons: dict[tuple[str, str, int], list[str]] = {}
+    wanted = {_run_key(suite, c) for c in cells}
+    for split in ("test", "validation"):
+        for other in plan_cells(suite, split):
+            key, path = _run_key(suite, other), cell_path(suite, other)
+            if key in wanted and path.is_file():
+                fields = stale_fields(suite, other, json.loads(path.read_text()))
+                if fields:
+                    reasons.setdefault(key, []).append(f"{path.name}: {', '.join(fields)}")
+    if work is not None:
+        for key in wanted:
+            recipe_file = Path(work) / "runs" / key[0] / key[1] / f"s{key[2]}" / RUN_RECIPE_FILE
+            if recipe_file.is_file():
+                fields = _differences(json.loads(recipe_file.read_text()), training_recipe(suite, key[0]))
+                if fields:
+                    reasons.setdefault(key, []).append(f"{recipe_file}: {', '.join(fields)}")
+    return {c: "; ".join(reasons[_run_key(suite, c)]) for c in cells if _run_key(suite, c) in reasons}
+
+
+def check_not_stale(suite: Suite, cells: list[Cell], work: Path | None = None) -> None:
+    """Refuse to go on when a cell of the selection belongs to a run made under another version of a suite row:
+    its finished cells would count as done, and its run be resumed or evaluated, under a recipe it never had."""
+    stale = stale_cells(suite, cells, work)
     if stale:
-        shown = "\n  ".join(stale[:5]) + (f"\n  ... and {len(stale) - 5} more" if len(stale) > 5 else "")
-        raise SuiteError(f"{len(stale)} finished cell(s) of suite {suite.name!r} were made with another version of "
-                         f"their row (changed fields in brackets):\n  {shown}\nGive the changed row a new name "
-                         f"(keeping the old row's cells), or delete those cells and the row's run folders under "
-                         f"--work to redo them.")
+        lines = sorted({f"{'/'.join(map(str, _run_key(suite, c)))} ({why})" for c, why in stale.items()})
+        shown = "\n  ".join(lines[:5]) + (f"\n  ... and {len(lines) - 5} more" if len(lines) > 5 else "")
+        raise SuiteError(f"{len(stale)} cell(s) of suite {suite.name!r} belong to runs made with another version of "
+                         f"a row (run, then what changed):\n  {shown}\nGive the changed row a new name (and the "
+                         f"rows that start from it or evaluate it, which change with it), keeping the old cells; "
+                         f"or delete those runs' cells and their run folders under --work to redo them.")
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -341,6 +381,8 @@ class Runner:
         source = self.ensure_trained(v.init_from, task, seed) if v.init_from else None
         data = self.ensure_data(task)
         exists = RunDir(run).read_config() is not None
+        if not exists:  # what it is trained under, so an edited row is noticed even before any cell finishes
+            write_json_atomic(run / RUN_RECIPE_FILE, training_recipe(self.suite, variant))
         self._say(f"training {variant} on {task}, seed {seed} -> {run}" + (" (resuming)" if exists else ""))
         kwargs: dict[str, Any] = dict(method=v.method, config=v.config, steps=v.steps, seed=seed,
                                       overrides=v.set or None, threads=self.threads, progress=self.progress,
@@ -399,7 +441,7 @@ class Runner:
         return cellrec
 
     def run(self, cells: list[Cell]) -> None:
-        check_not_stale(self.suite, cells)
+        check_not_stale(self.suite, cells, self.work)
         done = sum(cell_path(self.suite, c).is_file() for c in cells)
         self._say(f"suite {self.suite.name!r}: {len(cells)} cells, {done} already done")
         for i, cell in enumerate(cells):
@@ -611,14 +653,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cells = plan_cells(suite, args.split, _csv_list(args.only), _csv_list(args.tasks), _csv_list(args.seeds, int),
                        _csv_list(args.suites))
-    if args.dry_run:
-        for c in cells:
-            path = cell_path(suite, c)
-            fields = stale_fields(suite, c, json.loads(path.read_text())) if path.is_file() else []
-            status = "stale" if fields else "done " if path.is_file() else "todo "
-            print(f"{status} {c.file_name} ({c.split})" + (f": row changed in {', '.join(fields)}" if fields else ""))
-        return 0
     work = Path(args.work) if args.work else Path("runs") / "benchmarks" / suite.name
+    if args.dry_run:
+        stale = stale_cells(suite, cells, work)
+        for c in cells:
+            status = "stale" if c in stale else "done " if cell_path(suite, c).is_file() else "todo "
+            print(f"{status} {c.file_name} ({c.split})" + (f": {stale[c]}" if c in stale else ""))
+        return 0
     runner = Runner(suite, work, threads=args.threads, progress=not args.quiet, device=args.device,
                     workers=args.workers, eval_device=args.eval_device)
     try:

@@ -134,6 +134,17 @@ def test_loading_a_truncated_checkpoint_names_the_problem(tmp_path):
         DAPPolicy.from_pretrained(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize("obs_encoder", ["vae", "resnet"])
+def test_non_finite_weights_give_a_named_error_not_nan_actions(obs_encoder):
+    """The sampler skips the batch's second NaN check (validate_obs did it), so a diverged encoder or network
+    must still be caught: on the actions, before they reach a robot."""
+    policy = _policy(obs_encoder=obs_encoder)
+    with torch.no_grad():
+        next(policy.vae.parameters()).fill_(float("nan"))  # the VAE feeds the dynamics model (and "vae" policy)
+    with pytest.raises(FloatingPointError, match="NaN or inf actions"):
+        policy.predict_chunk(_obs(1), mode="jacobi")
+
+
 def test_wrong_shapes_and_missing_keys_name_the_key_and_expected_shape():
     policy = _policy()
     obs = _obs(1)

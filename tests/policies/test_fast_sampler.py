@@ -180,14 +180,55 @@ def test_cuda_graphs_follow_weight_updates(monkeypatch):
     torch.testing.assert_close(a, a_ref, rtol=0, atol=1e-4)
 
 
-def test_cuda_graphs_are_used_from_the_second_call_on_a_gpu_only():
-    graphed, cuda, cpu = fast_sampler._graphed, torch.device("cuda"), torch.device("cpu")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_graph_of_a_policy_on_another_gpu_than_the_current_one_is_captured_there(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    policy = _policy("dap", device="cuda:1")
+    fast_sampler.set_options(policy, cuda_graph="on")
+    obs = _obs(1)
+    with torch.cuda.device(0):
+        for seed in (0, 1):  # the second replays: an empty graph would return the first call's actions
+            a, _, _ = _fast(policy, obs, "jacobi", seed=seed, return_trace=False)
+            a_ref, _, _ = _reference(policy, obs, "jacobi", seed=seed)
+            torch.testing.assert_close(a, a_ref, rtol=0, atol=1e-4)
+
+
+def test_cuda_graphs_are_allowed_on_a_gpu_only_and_not_for_traced_calls():
+    allowed, cuda, cpu = fast_sampler._graphs_allowed, torch.device("cuda"), torch.device("cpu")
     auto, on, off = (fast_sampler.SamplerOptions(cuda_graph=v) for v in ("auto", "on", "off"))
-    assert not graphed(auto, cuda, 1, False) and graphed(auto, cuda, 2, False) and graphed(on, cuda, 1, False)
-    assert not graphed(auto, cuda, 2, True)  # a traced call records per-step tensors in Python
-    assert not graphed(off, cuda, 5, False) and not graphed(on, cpu, 5, False)
+    assert allowed(auto, cuda, False) and allowed(on, cuda, False)
+    assert not allowed(auto, cuda, True)  # a traced call records per-step tensors in Python
+    assert not allowed(off, cuda, False) and not allowed(on, cpu, False)
     with pytest.raises(ValueError, match="cuda_graph"):
         fast_sampler.SamplerOptions(cuda_graph="maybe")
+
+
+def test_graph_runner_captures_a_signature_at_its_second_use_and_keeps_the_most_recent(monkeypatch):
+    """The cache logic alone (capture itself needs a GPU: see the CUDA tests): here every capture 'fails', so
+    the runner records the signature as eager, which is enough to count captures and evictions."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    captured = []
+    monkeypatch.setattr(fast_sampler.GraphRunner, "_capture",
+                        lambda self, call, inputs: captured.append(inputs["k"]) or fast_sampler._EAGER)
+    runner = fast_sampler.GraphRunner(torch.device("cpu"))
+    calls = []
+
+    def use(key, first_use=False):
+        return runner(key, lambda x: calls.append(key) or (x["k"], None), {"k": torch.tensor(key)}, first_use)
+
+    use(0)
+    assert captured == [] and calls == [0]  # a one-off signature is never captured
+    use(0)
+    assert captured == [0]
+    use(1, first_use=True)
+    assert captured == [0, 1]
+    for key in range(2, 2 + fast_sampler.GraphRunner.MAX_GRAPHS):
+        use(key), use(key)
+    assert len(runner.graphs) == fast_sampler.GraphRunner.MAX_GRAPHS and 0 not in runner.graphs
+    assert calls.count(0) == 2  # every call still ran (eagerly, here)
 
 
 @pytest.mark.parametrize("mode", ["jacobi", "off"])

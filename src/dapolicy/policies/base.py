@@ -225,8 +225,12 @@ class Policy(nn.Module, ABC):
         check_flow_steps(steps)
         self.ensure_eval()
         batch = self.validate_obs(obs)
-        return self._predict(batch, return_next=return_next and caps.predicts_next_obs, mode=mode, steps=steps,
+        pred = self._predict(batch, return_next=return_next and caps.predicts_next_obs, mode=mode, steps=steps,
                              return_trace=return_trace, generator=generator)
+        if not np.isfinite(pred.actions).all():  # never hand a robot NaN: the weights or an encoder diverged
+            raise FloatingPointError(f"method {self.method!r} produced NaN or inf actions from a finite "
+                                     "observation: the model's weights (or the encoders' outputs) are not finite")
+        return pred
 
     def ensure_eval(self) -> None:
         """Eval mode for inference, cheaply: `eval()` walks every submodule (~1-2 ms for `small`, a few % of a

@@ -62,9 +62,10 @@ class SamplerOptions:
         forces it (CUDA without a graph: a side stream, slower than one stream when launch-bound); "off".
     cuda_graph: replay a whole sampling call (encoders, K flow steps) as one captured CUDA graph
         (`GraphRunner`): at batch 1 a GPU call is bound by kernel launches, which a replay issues at once.
-        "auto" = on a CUDA device from the second call with unchanged weights (one graph per mode, K, batch
-        and output set; never for a call that records a trace); "on" / "off". Falls back to eager, with a
-        warning, where capture fails.
+        "auto" = on a CUDA device, from the second call of a signature with unchanged weights (one graph
+        per mode, K, batch and output set, at most `GraphRunner.MAX_GRAPHS`; never for a call that records
+        a trace, nor for weights made under inference mode, whose changes cannot be told); "on" = from the
+        first call; "off". Falls back to eager, with a warning, where capture fails.
     threads: intra-op threads per model while sampling on a CPU (torch's setting is restored afterwards).
         "auto" = 1 at batch 1 (measured faster than one thread per core in every mode, idle or loaded: the
         ops are too small to split, and OpenMP barriers stall badly on a shared machine), half of torch's
@@ -638,7 +639,7 @@ def predict(policy: Any, batch: dict[str, Tensor], return_next: bool, mode: str,
     options = get_options(policy)
     dev = policy.device
     state = _state(policy)
-    calls = state.begin_call(policy, compile=options.trace == "compile")
+    state.begin_call(policy, compile=options.trace == "compile")
     b = batch["proprio"].shape[0]
     with torch.inference_mode():  # the noise first, in the reference's order: next latents, then actions
         z0 = None
@@ -647,11 +648,12 @@ def predict(policy: Any, batch: dict[str, Tensor], return_next: bool, mode: str,
                               policy.latent_size), generator=generator, device=dev)
         a0 = torch.randn((b, policy.config.horizon, policy.spec.action_dim), generator=generator, device=dev)
     inputs = {**batch, "a0": a0, **({"z0": z0} if z0 is not None else {})}
-    if _graphed(options, dev, calls, return_trace):
-        key = (mode, steps, return_next, tuple((k, tuple(t.shape), t.dtype) for k, t in sorted(inputs.items())))
-        graphs = state.constant("cuda_graphs", GraphRunner)
+    if _graphs_allowed(options, dev, return_trace) and state.fingerprint is not None:
+        key = (mode, steps, return_next, _numerics(),
+               tuple((k, tuple(t.shape), t.dtype) for k, t in sorted(inputs.items())))
+        graphs = state.constant("cuda_graphs", lambda: GraphRunner(dev))
         a, z = graphs(key, lambda x: _predict_body(policy, state, options, x, return_next, mode, steps, None,
-                                                   graphed=True), inputs)
+                                                   graphed=True), inputs, first_use=options.cuda_graph == "on")
         return a, z, None
     trace = CouplingTrace() if return_trace else None
     a, z = _predict_body(policy, state, options, inputs, return_next, mode, steps, trace)
@@ -687,48 +689,70 @@ def _predict_body(policy: Any, state: SamplerState, options: SamplerOptions, inp
                       need_latents=return_next, trace=trace, concurrent=concurrent)
 
 
-def _graphed(options: SamplerOptions, device: torch.device, calls: int, return_trace: bool) -> bool:
-    """Whether this call replays a CUDA graph (see `SamplerOptions.cuda_graph`)."""
-    if device.type != "cuda" or return_trace or options.cuda_graph == "off":
-        return False
-    return options.cuda_graph == "on" or calls >= 2
+def _graphs_allowed(options: SamplerOptions, device: torch.device, return_trace: bool) -> bool:
+    """Whether this call may replay a CUDA graph (see `SamplerOptions.cuda_graph`; `GraphRunner` decides
+    from which use of a signature on)."""
+    return device.type == "cuda" and not return_trace and options.cuda_graph != "off"
+
+
+def _numerics() -> tuple:
+    """The global settings a captured graph bakes in (kernels chosen at capture): part of its key."""
+    try:
+        autocast = torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4
+        autocast = torch.is_autocast_enabled()
+    return (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32, autocast)
 
 
 class GraphRunner:
-    """Whole sampling calls captured as CUDA graphs, one per mode, K, output set and input signature.
+    """Whole sampling calls captured as CUDA graphs, one per signature (mode, K, output set, global numerics,
+    input shapes and dtypes), at most `MAX_GRAPHS` (least recently used dropped first).
 
     Capture needs static buffers: each call's inputs (the batch and its noise) are copied into the graph's,
-    and its outputs are cloned out of the graph's (the next replay overwrites them). Two warm-up calls on a
-    side stream before capture compute the per-weights constants and let the libraries pick their kernels;
-    the second runs with host syncs made errors, since a sync cannot be captured and a capture that fails
-    midway can leave CUDA's random generator unusable.
-    Held in the `SamplerState` constants, so new weights drop the graphs with everything else.
+    and its outputs are cloned out of the graph's (the next replay overwrites them). A signature is captured
+    at its second use ("auto"; a one-off call does not pay for a capture) or its first ("on"). Two warm-up
+    calls on a side stream before capture compute the per-weights constants and let the libraries pick their
+    kernels; the second runs with host syncs made errors, since a sync cannot be captured and a capture that
+    fails midway can leave CUDA's random generator unusable. Capture and replay run on the policy's device,
+    whichever device is current. Held in the `SamplerState` constants, so new weights drop the graphs.
     """
 
-    def __init__(self) -> None:
-        self.graphs: dict[tuple, Any] = {}
+    MAX_GRAPHS = 8
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.graphs: dict[tuple, Any] = {}  # in order of last use
+        self.uses: dict[tuple, int] = {}
 
     def __call__(self, key: tuple, call: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor | None]],
-                 inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self.graphs[key] = self._capture(call, inputs)
-        if entry is _EAGER:
-            return call(inputs)
-        graph, static_in, static_out = entry
-        with torch.inference_mode():
-            for name, tensor in inputs.items():
-                static_in[name].copy_(tensor)
-            graph.replay()
-            return tuple(None if t is None else t.clone() for t in static_out)
+                 inputs: dict[str, Tensor], first_use: bool = False) -> tuple[Tensor, Tensor | None]:
+        with torch.cuda.device(self.device):
+            entry = self.graphs.pop(key, None)
+            if entry is None:
+                self.uses[key] = self.uses.get(key, 0) + 1
+                if self.uses[key] < (1 if first_use else 2):
+                    return call(inputs)
+                entry = self._capture(call, inputs)
+                while len(self.graphs) >= self.MAX_GRAPHS:
+                    del self.graphs[next(iter(self.graphs))]
+            self.graphs[key] = entry
+            if entry is _EAGER:
+                return call(inputs)
+            graph, static_in, static_out = entry
+            with torch.inference_mode():
+                for name, tensor in inputs.items():
+                    static_in[name].copy_(tensor)
+                graph.replay()
+                return tuple(None if t is None else t.clone() for t in static_out)
 
-    @staticmethod
-    def _capture(call: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor | None]],
+    def _capture(self, call: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor | None]],
                  inputs: dict[str, Tensor]) -> Any:
+        main = torch.cuda.current_stream(self.device)
         with torch.inference_mode():
             static_in = {name: t.clone() for name, t in inputs.items()}
-        side = torch.cuda.Stream(next(iter(inputs.values())).device)
-        side.wait_stream(torch.cuda.current_stream())
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
         try:
             with torch.inference_mode(), torch.cuda.stream(side):
                 call(static_in)
@@ -740,10 +764,11 @@ class GraphRunner:
                     torch.cuda.set_sync_debug_mode(saved)
         except Exception as err:
             return _capture_failed(err)
-        torch.cuda.current_stream().wait_stream(side)
+        finally:  # the constants the warm-ups wrote on `side` are read on the main stream from now on
+            main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.inference_mode(), torch.cuda.graph(graph):
+            with torch.inference_mode(), torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
                 static_out = call(static_in)
         except Exception as err:  # never let a capture problem break sampling
             return _capture_failed(err)
