@@ -429,6 +429,8 @@ class Runner:
             "mean_score": result["mean_score"], "latency_p50_ms": result["latency_ms"].get("p50"),
             "parameters": load_policy(run).parameter_counts()["total"], "train_seconds": round(train_seconds, 1),
             "eval_seconds": round(time.perf_counter() - start, 1), "episode_seeds": result["settings"]["episode_seeds"],
+            # per episode, in seed order: what a paired comparison of two rows needs (`--compare`)
+            "episode_successes": [int(bool(e["success"])) for e in result["episodes"]],
             "mode": result["settings"]["mode"], "flow_steps": result["settings"]["flow_steps"],
             "eval_device": result["settings"].get("device", self.eval_device),
             # latencies are comparable only between cells with the same threads and workers
@@ -630,6 +632,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-only", action="store_true",
                    help="train (or resume) the selected runs without evaluating, e.g. a shared base run")
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether each is done")
+    p.add_argument("--compare", default=None, metavar="A,B",
+                   help="paired comparison of two rows on their finished cells (same seeds and episodes): the "
+                        "difference with a bootstrap interval over seeds and episodes, and McNemar's test")
+    p.add_argument("--out", default=None, help="with --compare: also write the comparison to this JSON file")
     from dapolicy.cli_options import add_device, add_quiet, add_threads, add_workers
 
     add_threads(p, None, "training's auto rule, the cores the load average leaves free")
@@ -654,6 +660,8 @@ def run(args: argparse.Namespace) -> int:
     cells = plan_cells(suite, args.split, _csv_list(args.only), _csv_list(args.tasks), _csv_list(args.seeds, int),
                        _csv_list(args.suites))
     work = Path(args.work) if args.work else Path("runs") / "benchmarks" / suite.name
+    if args.compare:
+        return _run_compare(args, suite, work)
     if args.dry_run:
         stale = stale_cells(suite, cells, work)
         for c in cells:
@@ -676,4 +684,18 @@ def run(args: argparse.Namespace) -> int:
     written = write_reports(suite)
     stem = "results" if args.split == "test" else "results_validation"
     print(f"results: {written.get(stem + '.md', suite.results_dir / (stem + '.md'))}")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace, suite: Suite, work: Path) -> int:
+    from dapolicy.compare import compare, markdown
+
+    names = _csv_list(args.compare) or []
+    if len(names) != 2:
+        raise SuiteError(f"--compare takes two rows, A,B; got {args.compare!r}")
+    report = compare(suite, names[0], names[1], args.split, _csv_list(args.tasks), work)
+    print(markdown(report))
+    if args.out:
+        write_json_atomic(args.out, report)
+        print(f"wrote {args.out}")
     return 0

@@ -1,0 +1,140 @@
+"""Paired comparison of two benchmark rows: the same test episodes, so compare them episode by episode.
+
+Two methods of a suite meet the same episodes (start states and OOD draws follow from the episode seed) and
+train with the same seeds, so their difference is best measured on pairs: per (training seed, episode seed),
+did A succeed, did B? Pooled Wilson intervals of each method's own rate ignore that pairing and overstate
+the noise of the difference. Reported per task and suite, and pooled over the OOD suites:
+
+* the difference of success rates (A - B) with a 95% interval from a two-level bootstrap (training seeds,
+  then episodes within each drawn seed), so seed-to-seed variation counts, not only episode noise;
+* the discordant pairs (A alone succeeded, B alone) and the exact McNemar p-value on them (episode noise
+  only, given the trained models).
+
+    dap benchmark SUITE --compare A,B [--tasks T] [--split test] [--work W] [--out F.json]
+
+Episode outcomes come from the cells (`episode_successes`) or, for cells written before they were recorded,
+from the run folders' evaluation records under --work, which must then agree with the cell's count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dapolicy.benchmark import Cell, Suite, SuiteError, cell_path, plan_cells
+
+OOD_POOL = "OOD (pooled)"
+
+
+def mcnemar_exact_p(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar test: the discordant pairs are Binomial(n, 1/2) under 'no difference'."""
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    k = min(a_only, b_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_difference(pairs: dict[int, np.ndarray], resamples: int = 4000, seed: int = 0) -> dict[str, Any]:
+    """pairs: training seed -> bool array [episodes, 2] (A's and B's success on the same episodes).
+
+    Returns the rates, their difference, its 95% two-level bootstrap interval, and McNemar's counts and p."""
+    if not pairs:
+        raise ValueError("no paired episodes to compare")
+    seeds = sorted(pairs)
+    stacked = np.concatenate([pairs[s] for s in seeds]).astype(bool)
+    a, b = stacked[:, 0], stacked[:, 1]
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    per_seed = [pairs[s][:, 0].astype(float) - pairs[s][:, 1].astype(float) for s in seeds]
+    for i in range(resamples):
+        drawn = rng.integers(0, len(seeds), len(seeds))
+        diffs[i] = np.mean(np.concatenate([per_seed[j][rng.integers(0, len(per_seed[j]), len(per_seed[j]))]
+                                           for j in drawn]))
+    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return {"n": int(len(a)), "seeds": seeds, "rate_a": float(a.mean()), "rate_b": float(b.mean()),
+            "difference": float(a.mean() - b.mean()), "ci95": [float(low), float(high)],
+            "a_only": a_only, "b_only": b_only, "mcnemar_p": mcnemar_exact_p(a_only, b_only)}
+
+
+def episode_successes(suite: Suite, cell: Cell, work: Path | None) -> dict[int, bool]:
+    """Episode seed -> success of one finished cell (from the cell, else its run folder's records)."""
+    path = cell_path(suite, cell)
+    if not path.is_file():
+        raise SuiteError(f"cell {cell.file_name} ({cell.split}) is not finished: run the benchmark first")
+    record = json.loads(path.read_text())
+    if "episode_successes" in record:
+        first = record["episode_seeds"][0]
+        return {first + i: bool(s) for i, s in enumerate(record["episode_successes"])}
+    if work is None:
+        raise SuiteError(f"cell {cell.file_name} predates per-episode records: pass --work with its run folders")
+    v = suite.variants[cell.variant]
+    run = Path(work) / "runs" / (v.run_of or v.name) / cell.task / f"s{cell.seed}" / "eval_benchmark"
+    kind = cell.suite.replace(":", "@")
+    for candidate in (run / f"{cell.split}_{cell.variant}_{kind}.json", run / f"{cell.split}_{kind}.json"):
+        if not candidate.is_file():
+            continue
+        episodes = json.loads(candidate.read_text())
+        # an older layout shared one file per run and suite between rows: use it only if it is this cell's
+        same = (episodes["n_success"] == record["successes"] and episodes["n_episodes"] == record["episodes"]
+                and episodes["settings"].get("mode") == record.get("mode")
+                and episodes["settings"].get("flow_steps") == record.get("flow_steps"))
+        if same:
+            return {int(e["seed"]): bool(e["success"]) for e in episodes["episodes"]}
+    raise SuiteError(f"no episode records of cell {cell.file_name} ({cell.split}) under {run} that match it (an "
+                     f"older run folder kept one file per suite, which another row may have overwritten); "
+                     f"re-evaluate the cell to compare it")
+
+
+def compare(suite: Suite, a: str, b: str, split: str = "test", tasks: list[str] | None = None,
+            work: Path | None = None) -> dict[str, Any]:
+    """Paired comparison of rows `a` and `b` per task and suite (the cells both have, same seeds)."""
+    for name in (a, b):
+        if name not in suite.variants:
+            raise SuiteError(f"suite {suite.name!r} has no row {name!r} (rows: {', '.join(suite.variants)})")
+    cells_a = {(c.task, c.seed, c.suite): c for c in plan_cells(suite, split, [a], tasks)}
+    cells_b = {(c.task, c.seed, c.suite): c for c in plan_cells(suite, split, [b], tasks)}
+    shared = sorted(k for k in set(cells_a) & set(cells_b)
+                    if cell_path(suite, cells_a[k]).is_file() and cell_path(suite, cells_b[k]).is_file())
+    if not shared:
+        raise SuiteError(f"rows {a!r} and {b!r} have no finished cells in common ({split} split)")
+    rows: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    skipped = []
+    for task, seed, kind in shared:
+        try:
+            sa = episode_successes(suite, cells_a[(task, seed, kind)], work)
+            sb = episode_successes(suite, cells_b[(task, seed, kind)], work)
+        except SuiteError as err:
+            skipped.append(str(err))
+            continue
+        common = sorted(set(sa) & set(sb))
+        pairs = np.array([[sa[e], sb[e]] for e in common], dtype=bool)
+        rows.setdefault((task, kind), {})[seed] = pairs
+        if kind not in ("none", "blind"):
+            pooled = rows.setdefault((task, OOD_POOL), {})
+            pooled[seed] = pairs if seed not in pooled else np.concatenate([pooled[seed], pairs])
+    order = {k: i for i, k in enumerate(suite.protocol.suites)}
+    results = [{"task": task, "suite": kind, **paired_difference(pairs)}
+               for (task, kind), pairs in sorted(rows.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99)))]
+    return {"suite": suite.name, "split": split, "a": a, "b": b, "results": results, "skipped": skipped}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    a, b = report["a"], report["b"]
+    lines = [f"Paired comparison, {report['suite']} suite, {report['split']} split: {a} (A) against {b} (B)", "",
+             "| task | suite | n (seeds) | A | B | A - B [95% CI, bootstrap over seeds and episodes] | "
+             "A only / B only | McNemar p |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lo, hi = r["ci95"]
+        lines.append(f"| {r['task']} | {r['suite']} | {r['n']} ({len(r['seeds'])}) | {100 * r['rate_a']:.1f}% | "
+                     f"{100 * r['rate_b']:.1f}% | {100 * r['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | "
+                     f"{r['a_only']} / {r['b_only']} | {r['mcnemar_p']:.3g} |")
+    for reason in report["skipped"]:
+        lines.append(f"\nskipped: {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""`dap benchmark --compare`: paired differences of two rows on the same episodes."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dapolicy import benchmark as bm
+from dapolicy.cli import main as cli_main
+from dapolicy.compare import compare, mcnemar_exact_p, paired_difference
+
+
+def test_mcnemar_exact_p_is_the_two_sided_binomial_tail():
+    assert mcnemar_exact_p(0, 0) == 1.0
+    assert mcnemar_exact_p(5, 0) == pytest.approx(2 / 32)
+    assert mcnemar_exact_p(3, 3) == 1.0
+    assert mcnemar_exact_p(1, 9) == mcnemar_exact_p(9, 1) == pytest.approx(2 * 11 / 1024)
+
+
+def test_paired_difference_of_identical_and_of_opposite_methods():
+    same = {s: np.array([[x, x] for x in (True, False, True, True)]) for s in (0, 1, 2)}
+    r = paired_difference(same)
+    assert r["difference"] == 0 and r["ci95"] == [0.0, 0.0] and r["mcnemar_p"] == 1.0 and r["n"] == 12
+    better = {s: np.array([[True, False]] * 10) for s in (0, 1)}
+    r = paired_difference(better)
+    assert r["difference"] == 1.0 and r["ci95"] == [1.0, 1.0] and r["a_only"] == 20 and r["mcnemar_p"] < 1e-5
+    with pytest.raises(ValueError, match="no paired episodes"):
+        paired_difference({})
+
+
+def test_seed_to_seed_variation_widens_the_interval():
+    """The same pooled counts, spread evenly or concentrated in one seed: the second is less certain."""
+    even = {s: np.array([[True, False]] * 5 + [[False, False]] * 45) for s in (0, 1, 2)}
+    lumpy = {0: np.array([[True, False]] * 15 + [[False, False]] * 35),
+             1: np.array([[False, False]] * 50), 2: np.array([[False, False]] * 50)}
+    width = [np.subtract(*reversed(paired_difference(p)["ci95"])) for p in (even, lumpy)]
+    assert width[1] > 1.5 * width[0]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compare") / "smoke"
+    folder.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "benchmarks" / "smoke" / "suite.toml", folder / "suite.toml")
+    work = folder.parent / "work"
+    assert cli_main(["benchmark", str(folder / "suite.toml"), "--work", str(work), "--quiet", "--threads", "1"]) == 0
+    return folder, work
+
+
+def test_compare_pairs_the_rows_cells_episode_by_episode(smoke, tmp_path, capsys):
+    folder, work = smoke
+    suite = bm.load_suite(folder / "suite.toml")
+    report = compare(suite, "dap", "fm", work=work)
+    assert [(r["task"], r["suite"]) for r in report["results"]] == [
+        ("button", "none"), ("button", "light"), ("button", "OOD (pooled)")]
+    cell = json.loads((folder / "cells" / "test" / "dap__button__s0__none.json").read_text())
+    assert report["results"][0]["rate_a"] == cell["successes"] / cell["episodes"]
+    assert len(cell["episode_successes"]) == cell["episodes"] == 2
+    out = tmp_path / "compare.json"
+    assert cli_main(["benchmark", str(folder / "suite.toml"), "--compare", "dap,fm", "--work", str(work),
+                     "--out", str(out)]) == 0
+    assert "| button | none |" in capsys.readouterr().out and json.loads(out.read_text())["a"] == "dap"
+    assert cli_main(["benchmark", str(folder / "suite.toml"), "--compare", "dap"]) == 2
+    assert "two rows" in capsys.readouterr().err
+
+
+def test_cells_without_episode_records_use_the_run_folder_only_when_it_matches(smoke, tmp_path):
+    folder, work = smoke
+    copy = tmp_path / "smoke"
+    shutil.copytree(folder, copy)
+    path = copy / "cells" / "test" / "fm__button__s0__none.json"
+    record = json.loads(path.read_text())
+    del record["episode_successes"]  # as written before the cells recorded them
+    path.write_text(json.dumps(record))
+    suite = bm.load_suite(copy / "suite.toml")
+    assert compare(suite, "dap", "fm", work=work)["results"][0]["rate_b"] == record["successes"] / 2
+    with pytest.raises(bm.SuiteError, match="no finished cells in common"):
+        compare(suite, "dap", "fm", tasks=["nothing"], work=work)
+    record["successes"] = 1 - record["successes"] if record["successes"] < 2 else 0  # disagrees with the run's file
+    path.write_text(json.dumps(record))
+    report = compare(suite, "dap", "fm", work=work)
+    assert any("fm__button__s0__none.json" in why for why in report["skipped"])
