@@ -117,3 +117,33 @@ def make_square_store(path, expert: int = 6, random: int = 2, seed: int = 0):
 @pytest.fixture(scope="session")
 def square_store(tmp_path_factory):
     return make_square_store(tmp_path_factory.mktemp("square") / "data")
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory):
+    """The `smoke` benchmark suite run once (collect, train with init_from, evaluate): (suite folder, work)."""
+    import shutil
+    from pathlib import Path
+
+    from dapolicy.cli import main as cli_main
+
+    folder = tmp_path_factory.mktemp("bench") / "smoke"
+    folder.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "benchmarks" / "smoke" / "suite.toml", folder / "suite.toml")
+    work = folder.parent / "work"
+    assert cli_main(["benchmark", str(folder / "suite.toml"), "--work", str(work), "--quiet", "--threads", "1"]) == 0
+    return folder, work
+
+
+def copy_with_edited_cell(folder, dest, cell_name: str, edit) -> tuple:
+    """A copy of a suite folder with one test cell's record changed by `edit(record)`: (copy, edited record)."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, dest)
+    path = dest / "cells" / "test" / cell_name
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
+    return dest, record
+

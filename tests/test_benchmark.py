@@ -6,21 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import copy_with_edited_cell
 
 from dapolicy import benchmark as bm
 from dapolicy.cli import main as cli_main
 
 SMOKE = Path(__file__).resolve().parents[1] / "benchmarks" / "smoke" / "suite.toml"
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bench") / "smoke"
-    folder.mkdir()
-    shutil.copy(SMOKE, folder / "suite.toml")
-    work = folder.parent / "work"
-    assert cli_main(["benchmark", str(folder / "suite.toml"), "--work", str(work), "--quiet", "--threads", "1"]) == 0
-    return folder, work
 
 
 def test_smoke_suite_writes_cells_csv_markdown_and_charts(smoke):
@@ -80,12 +71,9 @@ def test_a_changed_row_makes_its_runs_cells_stale_and_the_run_refuses(smoke, tmp
 
 def test_one_stale_cell_makes_every_cell_of_its_run_stale(smoke, tmp_path):
     folder, _ = smoke
-    copy = tmp_path / "smoke"
-    shutil.copytree(folder, copy)
-    path = copy / "cells" / "test" / "fm__button__s0__none.json"
-    record = json.loads(path.read_text())
-    record["recipe"]["set"] = ["unet.gated_dynamic_context=true"]  # as if that row had been edited since
-    path.write_text(json.dumps(record))
+    # as if that row had been edited since
+    copy, _ = copy_with_edited_cell(folder, tmp_path / "smoke", "fm__button__s0__none.json",
+                                    lambda r: r["recipe"].update(set=["unet.gated_dynamic_context=true"]))
     suite = bm.load_suite(copy / "suite.toml")
     stale = bm.stale_cells(suite, bm.plan_cells(suite, "test"))
     assert sorted(c.file_name for c in stale) == ["fm__button__s0__light.json", "fm__button__s0__none.json"]

@@ -1,11 +1,10 @@
 """`dap benchmark --compare`: paired differences of two rows on the same episodes."""
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_with_edited_cell
 
 from dapolicy import benchmark as bm
 from dapolicy.cli import main as cli_main
@@ -39,16 +38,6 @@ def test_seed_to_seed_variation_widens_the_interval():
     assert width[1] > 1.5 * width[0]
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("compare") / "smoke"
-    folder.mkdir()
-    shutil.copy(Path(__file__).resolve().parents[1] / "benchmarks" / "smoke" / "suite.toml", folder / "suite.toml")
-    work = folder.parent / "work"
-    assert cli_main(["benchmark", str(folder / "suite.toml"), "--work", str(work), "--quiet", "--threads", "1"]) == 0
-    return folder, work
-
-
 def test_compare_pairs_the_rows_cells_episode_by_episode(smoke, tmp_path, capsys):
     folder, work = smoke
     suite = bm.load_suite(folder / "suite.toml")
@@ -68,12 +57,10 @@ def test_compare_pairs_the_rows_cells_episode_by_episode(smoke, tmp_path, capsys
 
 def test_cells_without_episode_records_use_the_run_folder_only_when_it_matches(smoke, tmp_path):
     folder, work = smoke
-    copy = tmp_path / "smoke"
-    shutil.copytree(folder, copy)
+    # as written before the cells recorded their episodes
+    copy, record = copy_with_edited_cell(folder, tmp_path / "smoke", "fm__button__s0__none.json",
+                                         lambda r: r.pop("episode_successes"))
     path = copy / "cells" / "test" / "fm__button__s0__none.json"
-    record = json.loads(path.read_text())
-    del record["episode_successes"]  # as written before the cells recorded them
-    path.write_text(json.dumps(record))
     suite = bm.load_suite(copy / "suite.toml")
     assert compare(suite, "dap", "fm", work=work)["results"][0]["rate_b"] == record["successes"] / 2
     with pytest.raises(bm.SuiteError, match="no finished cells in common"):

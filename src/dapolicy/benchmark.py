@@ -289,10 +289,15 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def _run_key(suite: Suite, cell: Cell) -> tuple[str, str, int]:
+def run_key(suite: Suite, cell: Cell) -> tuple[str, str, int]:
     """The trained run a cell is evaluated on: (training row, task, seed)."""
     v = suite.variants[cell.variant]
     return v.run_of or v.name, cell.task, cell.seed
+
+
+def run_folder(work: Path, variant: str, task: str, seed: int) -> Path:
+    """Where the benchmark trains a row's run for (task, seed) under its work folder."""
+    return Path(work) / "runs" / variant / task / f"s{seed}"
 
 
 def stale_cells(suite: Suite, cells: list[Cell], work: Path | None = None) -> dict[Cell, str]:
@@ -302,22 +307,22 @@ def stale_cells(suite: Suite, cells: list[Cell], work: Path | None = None) -> di
     suite as it is now, or when the recipe written into its folder (under `work`) does. Then every cell of
     that run is stale, finished or not: an unfinished one would be evaluated on the old model."""
     reasons: dict[tuple[str, str, int], list[str]] = {}
-    wanted = {_run_key(suite, c) for c in cells}
+    wanted = {run_key(suite, c) for c in cells}
     for split in ("test", "validation"):
         for other in plan_cells(suite, split):
-            key, path = _run_key(suite, other), cell_path(suite, other)
+            key, path = run_key(suite, other), cell_path(suite, other)
             if key in wanted and path.is_file():
                 fields = stale_fields(suite, other, json.loads(path.read_text()))
                 if fields:
                     reasons.setdefault(key, []).append(f"{path.name}: {', '.join(fields)}")
     if work is not None:
         for key in wanted:
-            recipe_file = Path(work) / "runs" / key[0] / key[1] / f"s{key[2]}" / RUN_RECIPE_FILE
+            recipe_file = run_folder(work, *key) / RUN_RECIPE_FILE
             if recipe_file.is_file():
                 fields = _differences(json.loads(recipe_file.read_text()), training_recipe(suite, key[0]))
                 if fields:
                     reasons.setdefault(key, []).append(f"{recipe_file}: {', '.join(fields)}")
-    return {c: "; ".join(reasons[_run_key(suite, c)]) for c in cells if _run_key(suite, c) in reasons}
+    return {c: "; ".join(reasons[run_key(suite, c)]) for c in cells if run_key(suite, c) in reasons}
 
 
 def check_not_stale(suite: Suite, cells: list[Cell], work: Path | None = None) -> None:
@@ -325,7 +330,7 @@ def check_not_stale(suite: Suite, cells: list[Cell], work: Path | None = None) -
     its finished cells would count as done, and its run be resumed or evaluated, under a recipe it never had."""
     stale = stale_cells(suite, cells, work)
     if stale:
-        lines = sorted({f"{'/'.join(map(str, _run_key(suite, c)))} ({why})" for c, why in stale.items()})
+        lines = sorted({f"{'/'.join(map(str, run_key(suite, c)))} ({why})" for c, why in stale.items()})
         shown = "\n  ".join(lines[:5]) + (f"\n  ... and {len(lines) - 5} more" if len(lines) > 5 else "")
         raise SuiteError(f"{len(stale)} cell(s) of suite {suite.name!r} belong to runs made with another version of "
                          f"a row (run, then what changed):\n  {shown}\nGive the changed row a new name (and the "
@@ -350,7 +355,7 @@ class Runner:
         return self.work / "data" / task
 
     def run_dir(self, variant: str, task: str, seed: int) -> Path:
-        return self.work / "runs" / variant / task / f"s{seed}"
+        return run_folder(self.work, variant, task, seed)
 
     def _say(self, message: str) -> None:
         print(f"[dap benchmark] {message}", flush=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dapolicy.benchmark import Cell, Suite, SuiteError, cell_path, plan_cells
+from dapolicy.benchmark import Cell, Suite, SuiteError, cell_path, plan_cells, run_folder, run_key
 
 OOD_POOL = "OOD (pooled)"
 
@@ -74,8 +74,7 @@ def episode_successes(suite: Suite, cell: Cell, work: Path | None) -> dict[int, 
         return {first + i: bool(s) for i, s in enumerate(record["episode_successes"])}
     if work is None:
         raise SuiteError(f"cell {cell.file_name} predates per-episode records: pass --work with its run folders")
-    v = suite.variants[cell.variant]
-    run = Path(work) / "runs" / (v.run_of or v.name) / cell.task / f"s{cell.seed}" / "eval_benchmark"
+    run = run_folder(work, *run_key(suite, cell)) / "eval_benchmark"
     kind = cell.suite.replace(":", "@")
     for candidate in (run / f"{cell.split}_{cell.variant}_{kind}.json", run / f"{cell.split}_{kind}.json"):
         if not candidate.is_file():
