@@ -69,3 +69,35 @@ def test_cells_without_episode_records_use_the_run_folder_only_when_it_matches(s
     path.write_text(json.dumps(record))
     report = compare(suite, "dap", "fm", work=work)
     assert any("fm__button__s0__none.json" in why for why in report["skipped"])
+
+
+def test_paired_scores_count_who_scored_higher_and_use_the_sign_test():
+    scores = {0: np.array([[0.5, 0.25], [0.75, 0.75], [0.2, 0.4], [1.0, 0.0]])}
+    r = paired_difference(scores)
+    assert r["difference"] == pytest.approx((0.25 + 0 - 0.2 + 1.0) / 4)
+    assert (r["a_only"], r["b_only"]) == (2, 1) and r["mcnemar_p"] == mcnemar_exact_p(2, 1)
+    assert r["ci95"][0] <= r["difference"] <= r["ci95"][1]
+
+
+def test_compare_on_scores_reads_the_cells_scores_and_falls_back_to_the_run_folder(smoke, tmp_path, capsys):
+    folder, work = smoke
+    suite = bm.load_suite(folder / "suite.toml")
+    cell = json.loads((folder / "cells" / "test" / "dap__button__s0__none.json").read_text())
+    assert len(cell["episode_scores"]) == cell["episodes"] and all(0 <= x <= 1 for x in cell["episode_scores"])
+    report = compare(suite, "dap", "fm", work=work, metric="score")
+    assert report["metric"] == "score"
+    assert report["results"][0]["rate_a"] == pytest.approx(np.mean(cell["episode_scores"]))
+    # a cell written before scores were recorded: its run folder's episode records give them
+    copy, _ = copy_with_edited_cell(folder, tmp_path / "smoke", "dap__button__s0__none.json",
+                                    lambda r: r.update(episode_scores=[0.0] * len(r["episode_scores"])))
+    edited = compare(bm.load_suite(copy / "suite.toml"), "dap", "fm", work=work, metric="score")
+    assert edited["results"][0]["rate_a"] == 0.0  # the cell's own record wins when it has one
+    copy2, _ = copy_with_edited_cell(folder, tmp_path / "smoke2", "dap__button__s0__none.json",
+                                     lambda r: r.pop("episode_scores"))
+    fallback = compare(bm.load_suite(copy2 / "suite.toml"), "dap", "fm", work=work, metric="score")
+    assert fallback["results"][0]["rate_a"] == pytest.approx(report["results"][0]["rate_a"])
+    assert cli_main(["benchmark", str(folder / "suite.toml"), "--compare", "dap,fm", "--metric", "score",
+                     "--work", str(work)]) == 0
+    assert "sign test p" in capsys.readouterr().out
+    with pytest.raises(bm.SuiteError, match="unknown metric"):
+        compare(suite, "dap", "fm", work=work, metric="coverage")

@@ -436,6 +436,7 @@ class Runner:
             "eval_seconds": round(time.perf_counter() - start, 1), "episode_seeds": result["settings"]["episode_seeds"],
             # per episode, in seed order: what a paired comparison of two rows needs (`--compare`)
             "episode_successes": [int(bool(e["success"])) for e in result["episodes"]],
+            "episode_scores": [round(float(e["score"]), 4) for e in result["episodes"]],
             "mode": result["settings"]["mode"], "flow_steps": result["settings"]["flow_steps"],
             "eval_device": result["settings"].get("device", self.eval_device),
             # latencies are comparable only between cells with the same threads and workers
@@ -640,6 +641,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", default=None, metavar="A,B",
                    help="paired comparison of two rows on their finished cells (same seeds and episodes): the "
                         "difference with a bootstrap interval over seeds and episodes, and McNemar's test")
+    p.add_argument("--metric", choices=("success", "score"), default="success",
+                   help="with --compare: compare the episodes' successes (McNemar's test) or their task scores "
+                        "(PushT's coverage score, where every success rate is 0 at a short budget; sign test)")
     p.add_argument("--out", default=None, help="with --compare: also write the comparison to this JSON file")
     from dapolicy.cli_options import add_device, add_quiet, add_threads, add_workers
 
@@ -698,7 +702,7 @@ def _run_compare(args: argparse.Namespace, suite: Suite, work: Path) -> int:
     names = _csv_list(args.compare) or []
     if len(names) != 2:
         raise SuiteError(f"--compare takes two rows, A,B; got {args.compare!r}")
-    report = compare(suite, names[0], names[1], args.split, _csv_list(args.tasks), work)
+    report = compare(suite, names[0], names[1], args.split, _csv_list(args.tasks), work, args.metric)
     print(markdown(report))
     if args.out:
         write_json_atomic(args.out, report)

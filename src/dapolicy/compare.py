@@ -10,10 +10,16 @@ the noise of the difference. Reported per task and suite, and pooled over the OO
 * the discordant pairs (A alone succeeded, B alone) and the exact McNemar p-value on them (episode noise
   only, given the trained models).
 
-    dap benchmark SUITE --compare A,B [--tasks T] [--split test] [--work W] [--out F.json]
+`--metric score` compares the per-episode task score instead (PushT's coverage / 0.95, clipped at 1, the
+Diffusion-Policy score; Meta-World's is the success): where a budget leaves every success rate at 0, the
+score still orders the methods. The counts are then the pairs in which A scored higher, and B, and the
+p-value is the exact sign test on them (McNemar's test is that test on 0/1 outcomes).
 
-Episode outcomes come from the cells (`episode_successes`) or, for cells written before they were recorded,
-from the run folders' evaluation records under --work, which must then agree with the cell's count.
+    dap benchmark SUITE --compare A,B [--metric success|score] [--tasks T] [--split test] [--work W] [--out F.json]
+
+Episode outcomes come from the cells (`episode_successes`, `episode_scores`) or, for cells written before they
+were recorded, from the run folders' evaluation records under --work, which must then agree with the cell's
+count.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import numpy as np
 from dapolicy.benchmark import Cell, Suite, SuiteError, cell_path, plan_cells, run_folder, run_key
 
 OOD_POOL = "OOD (pooled)"
+METRICS = ("success", "score")
+_CELL_FIELD = {"success": "episode_successes", "score": "episode_scores"}
 
 
 def mcnemar_exact_p(a_only: int, b_only: int) -> float:
@@ -41,13 +49,16 @@ def mcnemar_exact_p(a_only: int, b_only: int) -> float:
 
 
 def paired_difference(pairs: dict[int, np.ndarray], resamples: int = 4000, seed: int = 0) -> dict[str, Any]:
-    """pairs: training seed -> bool array [episodes, 2] (A's and B's success on the same episodes).
+    """pairs: training seed -> array [episodes, 2] of A's and B's outcome on the same episodes (success as
+    bool or 0/1, or a score in [0, 1]).
 
-    Returns the rates, their difference, its 95% two-level bootstrap interval, and McNemar's counts and p."""
+    Returns the means ("rate_a", "rate_b"), their difference, its 95% two-level bootstrap interval, the pairs
+    in which A did better ("a_only") and B did, and the exact test on those counts ("mcnemar_p": McNemar's
+    test for successes, the sign test for scores)."""
     if not pairs:
         raise ValueError("no paired episodes to compare")
     seeds = sorted(pairs)
-    stacked = np.concatenate([pairs[s] for s in seeds]).astype(bool)
+    stacked = np.concatenate([pairs[s] for s in seeds]).astype(float)
     a, b = stacked[:, 0], stacked[:, 1]
     rng = np.random.default_rng(seed)
     diffs = np.empty(resamples)
@@ -56,22 +67,25 @@ def paired_difference(pairs: dict[int, np.ndarray], resamples: int = 4000, seed:
         drawn = rng.integers(0, len(seeds), len(seeds))
         diffs[i] = np.mean(np.concatenate([per_seed[j][rng.integers(0, len(per_seed[j]), len(per_seed[j]))]
                                            for j in drawn]))
-    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    a_only, b_only = int(np.sum(a > b)), int(np.sum(a < b))
     low, high = np.percentile(diffs, [2.5, 97.5])
     return {"n": int(len(a)), "seeds": seeds, "rate_a": float(a.mean()), "rate_b": float(b.mean()),
             "difference": float(a.mean() - b.mean()), "ci95": [float(low), float(high)],
             "a_only": a_only, "b_only": b_only, "mcnemar_p": mcnemar_exact_p(a_only, b_only)}
 
 
-def episode_successes(suite: Suite, cell: Cell, work: Path | None) -> dict[int, bool]:
-    """Episode seed -> success of one finished cell (from the cell, else its run folder's records)."""
+def episode_outcomes(suite: Suite, cell: Cell, work: Path | None, metric: str = "success") -> dict[int, float]:
+    """Episode seed -> success (0/1) or score of one finished cell (from the cell, else its run folder's
+    records)."""
+    if metric not in METRICS:
+        raise SuiteError(f"unknown metric {metric!r} (metrics: {', '.join(METRICS)})")
     path = cell_path(suite, cell)
     if not path.is_file():
         raise SuiteError(f"cell {cell.file_name} ({cell.split}) is not finished: run the benchmark first")
     record = json.loads(path.read_text())
-    if "episode_successes" in record:
+    if _CELL_FIELD[metric] in record:
         first = record["episode_seeds"][0]
-        return {first + i: bool(s) for i, s in enumerate(record["episode_successes"])}
+        return {first + i: float(s) for i, s in enumerate(record[_CELL_FIELD[metric]])}
     if work is None:
         raise SuiteError(f"cell {cell.file_name} predates per-episode records: pass --work with its run folders")
     run = run_folder(work, *run_key(suite, cell)) / "eval_benchmark"
@@ -85,15 +99,19 @@ def episode_successes(suite: Suite, cell: Cell, work: Path | None) -> dict[int, 
                 and episodes["settings"].get("mode") == record.get("mode")
                 and episodes["settings"].get("flow_steps") == record.get("flow_steps"))
         if same:
-            return {int(e["seed"]): bool(e["success"]) for e in episodes["episodes"]}
+            return {int(e["seed"]): float(e["success"] if metric == "success" else e["score"])
+                    for e in episodes["episodes"]}
     raise SuiteError(f"no episode records of cell {cell.file_name} ({cell.split}) under {run} that match it (an "
                      f"older run folder kept one file per suite, which another row may have overwritten); "
                      f"re-evaluate the cell to compare it")
 
 
 def compare(suite: Suite, a: str, b: str, split: str = "test", tasks: list[str] | None = None,
-            work: Path | None = None) -> dict[str, Any]:
-    """Paired comparison of rows `a` and `b` per task and suite (the cells both have, same seeds)."""
+            work: Path | None = None, metric: str = "success") -> dict[str, Any]:
+    """Paired comparison of rows `a` and `b` per task and suite (the cells both have, same seeds), on the
+    episodes' successes or scores (`metric`)."""
+    if metric not in METRICS:
+        raise SuiteError(f"unknown metric {metric!r} (metrics: {', '.join(METRICS)})")
     for name in (a, b):
         if name not in suite.variants:
             raise SuiteError(f"suite {suite.name!r} has no row {name!r} (rows: {', '.join(suite.variants)})")
@@ -107,13 +125,13 @@ def compare(suite: Suite, a: str, b: str, split: str = "test", tasks: list[str] 
     skipped = []
     for task, seed, kind in shared:
         try:
-            sa = episode_successes(suite, cells_a[(task, seed, kind)], work)
-            sb = episode_successes(suite, cells_b[(task, seed, kind)], work)
+            sa = episode_outcomes(suite, cells_a[(task, seed, kind)], work, metric)
+            sb = episode_outcomes(suite, cells_b[(task, seed, kind)], work, metric)
         except SuiteError as err:
             skipped.append(str(err))
             continue
         common = sorted(set(sa) & set(sb))
-        pairs = np.array([[sa[e], sb[e]] for e in common], dtype=bool)
+        pairs = np.array([[sa[e], sb[e]] for e in common], dtype=float)
         rows.setdefault((task, kind), {})[seed] = pairs
         if kind not in ("none", "blind"):
             pooled = rows.setdefault((task, OOD_POOL), {})
@@ -121,18 +139,25 @@ def compare(suite: Suite, a: str, b: str, split: str = "test", tasks: list[str] 
     order = {k: i for i, k in enumerate(suite.protocol.suites)}
     results = [{"task": task, "suite": kind, **paired_difference(pairs)}
                for (task, kind), pairs in sorted(rows.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99)))]
-    return {"suite": suite.name, "split": split, "a": a, "b": b, "results": results, "skipped": skipped}
+    return {"suite": suite.name, "split": split, "metric": metric, "a": a, "b": b, "results": results,
+            "skipped": skipped}
 
 
 def markdown(report: dict[str, Any]) -> str:
     a, b = report["a"], report["b"]
-    lines = [f"Paired comparison, {report['suite']} suite, {report['split']} split: {a} (A) against {b} (B)", "",
-             "| task | suite | n (seeds) | A | B | A - B [95% CI, bootstrap over seeds and episodes] | "
-             "A only / B only | McNemar p |", "|---|---|---|---|---|---|---|---|"]
+    score = report.get("metric") == "score"
+    what, counts, test = (("mean score", "A higher / B higher", "sign test p") if score
+                          else ("success", "A only / B only", "McNemar p"))
+    lines = [f"Paired comparison ({what}, in points of 100), {report['suite']} suite, {report['split']} split: "
+             f"{a} (A) against {b} (B)", "",
+             f"| task | suite | n (seeds) | A | B | A - B [95% CI, bootstrap over seeds and episodes] | "
+             f"{counts} | {test} |", "|---|---|---|---|---|---|---|---|"]
+    unit = "" if score else "%"
     for r in report["results"]:
         lo, hi = r["ci95"]
-        lines.append(f"| {r['task']} | {r['suite']} | {r['n']} ({len(r['seeds'])}) | {100 * r['rate_a']:.1f}% | "
-                     f"{100 * r['rate_b']:.1f}% | {100 * r['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | "
+        lines.append(f"| {r['task']} | {r['suite']} | {r['n']} ({len(r['seeds'])}) | "
+                     f"{100 * r['rate_a']:.1f}{unit} | {100 * r['rate_b']:.1f}{unit} | "
+                     f"{100 * r['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | "
                      f"{r['a_only']} / {r['b_only']} | {r['mcnemar_p']:.3g} |")
     for reason in report["skipped"]:
         lines.append(f"\nskipped: {reason}")
