@@ -185,6 +185,10 @@ def test_markdown_puts_in_distribution_first_and_averages_the_ood_suites():
     two_seeds = bm.markdown_table(cells + [{**cell("fm", "none", 8), "seed": 1}], suite, "test")
     fm = next(line for line in two_seeds.splitlines() if line.startswith("| fm |"))
     assert "(60%, 80%; sd 14%; n=20)" in fm  # the seed spread beside the pooled interval
+    assert "score" not in fm  # Meta-World-like: the score is the success, not repeated
+    scored = [{**c, "mean_score": c["success_rate"] + 0.05} for c in cells]  # e.g. PushT's coverage score
+    dap = next(line for line in bm.markdown_table(scored, suite, "test").splitlines() if line.startswith("| dap |"))
+    assert "(50%; n=10); score 0.55" in dap
 
 
 def test_a_row_retrained_from_a_stage_trains_that_stage_and_every_later_one(smoke):
