@@ -241,6 +241,29 @@ def test_each_models_normaliser_is_fitted_on_its_own_stages_episodes(tmp_path: P
     assert torch.equal(load_pretrained(fm).action_normalizer.high, policy.action_normalizer.high)
 
 
+def test_a_stage_retrained_in_place_on_other_data_fits_its_statistics_on_that_data(store_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """`dap train --data OTHER --out RUN --stage policy` on a finished run: the policy's statistics come from
+    OTHER (it trains on it), the dynamics model's stay those of the data it was trained on."""
+    run = train(store_dir, tmp_path / "run", **{**FAST, "steps": 1})
+    before = load_pretrained(run)
+    wide = tmp_path / "wide"  # other episodes, with actions 3x wider than the first data's
+    store = EpisodeStore.create(wide, EpisodeStore.open(store_dir).spec)
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        store.append_episode(Episode(images={c: rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+                                             for c in ("front", "wrist")},
+                                     proprio=rng.standard_normal((12, 3)).astype(np.float32),
+                                     action=rng.uniform(-3, 3, (12, 2)).astype(np.float32),
+                                     meta={"source": "expert" if i < 5 else "random", "seed": i, "success": i != 4}))
+    train(wide, run, stage="policy", **{**FAST, "steps": 1})
+    after = load_pretrained(run)
+    assert float(after.action_normalizer.high.max()) > 1.5  # fitted on the wide actions
+    assert torch.equal(after.dynamics_action_normalizer.high, before.dynamics_action_normalizer.high)
+    train(store_dir, run, stage="policy", **{**FAST, "steps": 1})  # back on the first data: the first statistics
+    assert torch.equal(load_pretrained(run).action_normalizer.high, before.action_normalizer.high)
+
+
 def test_stage_lists_and_from_a_stage_on():
     from dapolicy.train import _parse_stages
 

@@ -181,7 +181,8 @@ def _train(data_dir: str | Path, out_dir: str | Path, method: str | None, config
         cfg = distributed.broadcast_object(cfg)  # rank 0's resolution (e.g. of auto threads) holds for all
         data_path = Path(data_dir).resolve()
         if stored is not None and stored.get("data") not in (None, str(data_path)) and env.is_main:
-            print(f"[dap train] note: {run.root} was trained on {stored['data']}, now {data_path}", file=sys.stderr)
+            print(f"[dap train] note: {run.root} was trained on {stored['data']}, now {data_path}: the stages "
+                  f"trained now fit their action/proprio statistics on the new data", file=sys.stderr)
         if cfg.amp and dev.type != "cuda" and env.is_main:
             print("[dap train] note: --amp (bfloat16 autocast) applies on CUDA only; training in float32",
                   file=sys.stderr)

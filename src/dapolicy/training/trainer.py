@@ -96,13 +96,26 @@ class Trainer:
             policy = load_pretrained(self.run.model)
         else:
             policy = copy.deepcopy(init)
-
-            def data_of(stage: str) -> SimpleNamespace:  # each model's statistics from its own stage's episodes
-                frames = frames_of(data.episode_ends, self._episodes(policy, stage, store))
-                return SimpleNamespace(action=data.action[frames], proprio=data.proprio[frames])
-
-            policy.fit_normalizers(data_of)
+            policy.fit_normalizers(lambda stage: self._stage_frames(policy, stage, data, store))
         return policy.to(self.req.device), init
+
+    def _stage_frames(self, policy: Any, stage: str, data: Any, store: Any) -> SimpleNamespace:
+        """The actions and proprio of `stage`'s episodes: what that stage's model's statistics are fitted on."""
+        frames = frames_of(data.episode_ends, self._episodes(policy, stage, store))
+        return SimpleNamespace(action=data.action[frames], proprio=data.proprio[frames])
+
+    def _fit_stage_normalizers(self, policy: Any, stage: str, data: Any, store: Any) -> None:
+        """Fit the statistics of the model `stage` trains on this call's data, as a new run does: a stage
+        retrained in place (`--stage S` on a finished run, perhaps with other `--data`) must not keep the
+        statistics of the data it was first trained on. The same data gives the same statistics, so a resumed
+        stage continues with the ones it started with."""
+        normalizers = policy.normalizers_by_stage().get(stage)
+        if normalizers is None:  # e.g. the VAE: no action or proprio statistics
+            return
+        frames = self._stage_frames(policy, stage, data, store)
+        action, proprio = normalizers
+        action.fit(frames.action, f"{stage} action")
+        proprio.fit(frames.proprio, f"{stage} proprio")
 
     def _check_model(self) -> None:
         self.run.recover_model()
@@ -311,6 +324,7 @@ class Trainer:
             policy.stage_module(stage).load_state_dict(init.stage_module(stage).state_dict())
             if self.env.is_main and self.run.best.exists():
                 self.run.best.unlink()
+        self._fit_stage_normalizers(policy, stage, data, store)
         batches = self._stage_batches(policy, stage, data, store)
         runner = StageRunner(policy, stage, batches, self.cfg, self.run, log, self.req.seed, self.req.device,
                              extra_state={"method": self.req.method, "config": self.req.config}, env=self.env)
