@@ -297,3 +297,15 @@ def test_init_from_guards(reference: Path, store_dir: Path, tmp_path: Path) -> N
     with pytest.raises(RunFolderError, match="never finished there"):
         train(store_dir, tmp_path / "c2", init_from=unfinished, **FAST)
     assert not (tmp_path / "c2" / "config.json").exists()  # a failed copy leaves no run to --resume
+
+
+def test_init_from_names_the_settings_in_which_the_copied_stages_differ(reference: Path, store_dir: Path,
+                                                                         tmp_path: Path, capsys) -> None:
+    """Shapes agree, so the copy goes ahead, but a setting such as the prediction horizon shaped the copied
+    dynamics model: the run says so instead of silently training under two configs."""
+    train(store_dir, tmp_path / "same", init_from=reference, stage="policy", **FAST)
+    assert "note: the copied stage(s)" not in capsys.readouterr().out
+    train(store_dir, tmp_path / "other", init_from=reference, stage="policy", overrides=["next_obs_offset=4"],
+          **FAST)
+    out = capsys.readouterr().out
+    assert "note: the copied stage(s) vae, dynamics" in out and "next_obs_offset (None there, 4 here)" in out

@@ -93,7 +93,9 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
     overrides: config fields by dotted name (["flow.steps=5", "next_obs_mix.null=0.2"] or a dict), applied
         after `config_file` (JSON/TOML of fields). Only for a new run: an existing run keeps its config.
     init_from: a run or model folder; the stages before the first trained one are copied from it (weights
-        and normalisers) instead of trained. With it, `stage` defaults to the last stage.
+        and normalisers) instead of trained. With it, `stage` defaults to the last stage. Other shapes refuse
+        the copy; a config that differs only in settings is named in a note (the copied models keep the
+        source's, e.g. its prediction horizon, until their stage is retrained).
     stage: "all", one stage, or a list; a later stage alone loads the earlier stages from `out_dir/model`.
     steps / batch_size / lr: per-stage budgets over the method's presets (N for every selected stage,
         "vae=900,policy=2200", or a dict). batch_size is the global batch of a step, over all processes.

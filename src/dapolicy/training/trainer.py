@@ -42,6 +42,24 @@ from dapolicy.training.rundir import RunDir, RunFolderError
 CALIBRATION_FRAMES = 1024
 
 
+def config_differences(theirs: Any, mine: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted field, their value, my value) for every config field in which two policy configs differ."""
+    from dapolicy.configuration import to_dict
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    if theirs is None or mine is None:
+        return []
+    a, b = flat(to_dict(theirs)), flat(to_dict(mine))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def _say(message: str) -> None:
     """One line of progress (rank 0 only in a data-parallel job)."""
     from tqdm.auto import tqdm
@@ -158,6 +176,13 @@ class Trainer:
                 raise RunFolderError(f"--init-from {source_dir}: stage {stage!r} has other shapes there "
                                      f"({', '.join(mismatch[:3])}...): its config differs; retrain it with --stage")
             policy.stage_module(stage).load_state_dict(theirs)
+        differences = config_differences(getattr(source, "config", None), getattr(policy, "config", None))
+        if differences:  # shapes agree, but the copied models were trained under the source's settings
+            shown = ", ".join(f"{k} ({a!r} there, {b!r} here)" for k, a, b in differences[:6])
+            more = f" and {len(differences) - 6} more" if len(differences) > 6 else ""
+            _say(f"note: the copied stage(s) {', '.join(stages)} were trained under {source_dir}'s config, which "
+                 f"differs from this run's in {shown}{more}; a setting that shapes a copied stage takes effect only "
+                 f"when that stage is retrained (--stage)")
         copied_norms = []
         theirs_by_stage = source.normalizers_by_stage()
         for stage, mine_norms in policy.normalizers_by_stage().items():
