@@ -43,7 +43,8 @@ CALIBRATION_FRAMES = 1024
 
 
 def config_differences(theirs: Any, mine: Any) -> list[tuple[str, Any, Any]]:
-    """(dotted field, their value, my value) for every config field in which two policy configs differ."""
+    """(dotted field, their value, my value) for every config field both policy configs have and set
+    differently (a field of one method only, e.g. DAP's dynamics model when FM copies its VAE, is skipped)."""
     from dapolicy.configuration import to_dict
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -57,7 +58,7 @@ def config_differences(theirs: Any, mine: Any) -> list[tuple[str, Any, Any]]:
     if theirs is None or mine is None:
         return []
     a, b = flat(to_dict(theirs)), flat(to_dict(mine))
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [(k, a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]]
 
 
 def _say(message: str) -> None:
