@@ -229,6 +229,9 @@ def test_graph_runner_captures_a_signature_at_its_second_use_and_keeps_the_most_
         use(key), use(key)
     assert len(runner.graphs) == fast_sampler.GraphRunner.MAX_GRAPHS and 0 not in runner.graphs
     assert calls.count(0) == 2  # every call still ran (eagerly, here)
+    for key in range(100, 100 + 3 * fast_sampler.GraphRunner.MAX_COUNTED):  # one-off signatures, e.g. batch sizes
+        use(key)
+    assert len(runner.uses) == fast_sampler.GraphRunner.MAX_COUNTED
 
 
 @pytest.mark.parametrize("mode", ["jacobi", "off"])

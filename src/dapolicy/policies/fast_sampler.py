@@ -719,11 +719,12 @@ class GraphRunner:
     """
 
     MAX_GRAPHS = 8
+    MAX_COUNTED = 64  # signatures whose uses are counted (oldest first out): a long-lived server stays bounded
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.graphs: dict[tuple, Any] = {}  # in order of last use
-        self.uses: dict[tuple, int] = {}
+        self.uses: dict[tuple, int] = {}  # in order of first use
 
     def __call__(self, key: tuple, call: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor | None]],
                  inputs: dict[str, Tensor], first_use: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -731,6 +732,8 @@ class GraphRunner:
             entry = self.graphs.pop(key, None)
             if entry is None:
                 self.uses[key] = self.uses.get(key, 0) + 1
+                if len(self.uses) > self.MAX_COUNTED:
+                    del self.uses[next(iter(self.uses))]
                 if self.uses[key] < (1 if first_use else 2):
                     return call(inputs)
                 entry = self._capture(call, inputs)
