@@ -191,6 +191,30 @@ def test_markdown_puts_in_distribution_first_and_averages_the_ood_suites():
     assert "(50%; n=10); score 0.55" in dap
 
 
+def test_charts_plot_the_score_where_it_is_not_the_success(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    (tmp_path / "suite.toml").write_text(SMOKE.read_text())
+    suite = bm.load_suite(tmp_path / "suite.toml")  # charts go beside it
+    task = next(iter(suite.tasks))
+    cells = [{"method": "dap", "task": task, "seed": s, "suite": "none", "successes": 0, "episodes": 10,
+              "success_rate": 0.0, "ci95": [0.0, 0.3], "latency_p50_ms": 5.0, "mean_score": score}
+             for s, score in ((0, 0.2), (1, 0.4))]
+    heights = []
+    bar = matplotlib.axes.Axes.bar
+    def recording_bar(self, x, h, *args, **kwargs):
+        heights.append((list(h), kwargs.get("yerr")))
+        return bar(self, x, h, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", recording_bar)
+    [path] = bm.plot_bars(cells, suite, "test")
+    assert path.is_file() and heights[0][0] == [pytest.approx(0.3)]
+    assert [list(e) for e in heights[0][1]] == [[pytest.approx(0.1)], [pytest.approx(0.1)]]  # the seeds' range
+    heights.clear()
+    bm.plot_bars([{**c, "mean_score": 0.0} for c in cells], suite, "test")  # score = success: the success rate
+    assert heights[0][0] == [0.0]
+
+
 def test_a_row_retrained_from_a_stage_trains_that_stage_and_every_later_one(smoke):
     """`init_from` + `stage = "dynamics"` (e.g. the no-random-data ablation): the VAE is reused, the dynamics
     model and then the policy are trained; the run is finished, so its cells can be evaluated."""

@@ -553,8 +553,7 @@ def markdown_table(cells: list[dict[str, Any]], suite: Suite, split: str) -> str
         if not any(k[1] == task for k in agg):
             continue
         columns = kinds + (["OOD mean"] if ood else [])
-        scored = any(abs(c.get("mean_score", c["success_rate"]) - c["success_rate"]) > 1e-9
-                     for c in cells if c["task"] == task)
+        scored = _scored(cells, task)
         lines += [f"## {task} (`{suite.tasks[task].env}`)", "",
                   "| method | " + " | ".join(columns) + " | p50 ms |", "|---|" + "---|" * (len(columns) + 1)]
         for m in methods:
@@ -589,8 +588,15 @@ def suite_order(suite: Suite, kinds: Iterable[str]) -> list[str]:
     return [k for k in suite.protocol.suites if k in seen] + [k for k in seen if k not in suite.protocol.suites]
 
 
+def _scored(cells: list[dict[str, Any]], task: str) -> bool:
+    """True when a task's score is not its success (PushT's coverage score), so tables and charts show it."""
+    return any(abs(c.get("mean_score", c["success_rate"]) - c["success_rate"]) > 1e-9
+               for c in cells if c["task"] == task)
+
+
 def plot_bars(cells: list[dict[str, Any]], suite: Suite, split: str) -> list[Path]:
-    """One PNG per task: grouped bars (methods x evaluation suites) with Wilson whiskers."""
+    """One PNG per task: grouped bars (methods x evaluation suites) with Wilson whiskers; on a task whose score
+    is not its success (PushT), the mean score with whiskers spanning the training seeds' scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -604,6 +610,7 @@ def plot_bars(cells: list[dict[str, Any]], suite: Suite, split: str) -> list[Pat
             continue
         methods = [m for m in suite.variants if any(k[0] == m for k in keys)]
         kinds = suite_order(suite, (k[2] for k in keys))
+        scored = _scored(cells, task)
         fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(methods) * max(1, len(kinds)) / 2), 3.6))
         width = 0.8 / len(kinds)
         for j, kind in enumerate(kinds):
@@ -613,6 +620,12 @@ def plot_bars(cells: list[dict[str, Any]], suite: Suite, split: str) -> list[Pat
                 if a is None:
                     continue
                 xs.append(i + (j - (len(kinds) - 1) / 2) * width)
+                if scored:
+                    seeds = [c.get("mean_score", c["success_rate"]) for c in a["seeds"]]
+                    ys.append(a["score"])
+                    lo.append(a["score"] - min(seeds))
+                    hi.append(max(seeds) - a["score"])
+                    continue
                 ys.append(a["mean"])
                 lo.append(max(0.0, a["mean"] - a["ci95"][0]))
                 hi.append(max(0.0, a["ci95"][1] - a["mean"]))
@@ -620,7 +633,7 @@ def plot_bars(cells: list[dict[str, Any]], suite: Suite, split: str) -> list[Pat
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=20, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
-        ax.set_ylabel("success rate")
+        ax.set_ylabel("mean score (whiskers: seed range)" if scored else "success rate")
         ax.set_title(f"{suite.name}: {task} ({split})")
         ax.legend(fontsize=7, ncol=min(4, len(kinds)))
         fig.tight_layout()
