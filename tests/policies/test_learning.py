@@ -66,17 +66,13 @@ def test_vae_dynamics_and_policy_learn_and_coupled_sampler_reproduces_demos():
     assert blind > 1.6 * sighted, f"blind {blind:.3f} vs sighted {sighted:.3f}: the task did not need the image"
 
 
-def test_the_dynamics_model_uses_the_action_when_the_action_decides_the_future():
-    """Random actions from random states: the next frame is only predictable from the action, so the trained
-    dynamics model's prediction with the true chunk must be clearly closer to it than with another chunk."""
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    policy = make_policy("dap", SQUARE_SPEC, size="tiny")
-    n = 256
-    start = rng.uniform(0.2, 0.8, (n, 2)).astype(np.float32)
-    action = rng.uniform(-0.1, 0.1, (n, 1, 2)).repeat(16, axis=1).astype(np.float32)  # one direction per chunk
+def _random_direction_task(policy, n: int, low: float, high: float, rng) -> tuple[dict, np.ndarray]:
+    """Squares at random positions in [low, high), each chunk one random direction; the frame 8 steps on shows
+    where it led. Fits the normaliser, trains the VAE and caches both latents: (data, actions)."""
     from conftest import render_square
 
+    start = rng.uniform(low, high, (n, 2)).astype(np.float32)
+    action = rng.uniform(-0.1, 0.1, (n, 1, 2)).repeat(16, axis=1).astype(np.float32)  # one direction per chunk
     nxt = start + action[:, :8].sum(1)
     data = {"images": torch.as_tensor(render_square(start)[:, None, None].repeat(2, axis=1)),
             "next_images": torch.as_tensor(render_square(nxt)[:, None]), "proprio": torch.zeros(n, 2, 2),
@@ -86,6 +82,16 @@ def test_the_dynamics_model_uses_the_action_when_the_action_decides_the_future()
     policy.after_stage("vae", data["images"][:, -1].numpy())
     data["latents"] = policy.encode_latents(data["images"])
     data["next_latents"] = policy.encode_latents(data["next_images"])
+    return data, action
+
+
+def test_the_dynamics_model_uses_the_action_when_the_action_decides_the_future():
+    """Random actions from random states: the next frame is only predictable from the action, so the trained
+    dynamics model's prediction with the true chunk must be clearly closer to it than with another chunk."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    policy = make_policy("dap", SQUARE_SPEC, size="tiny")
+    data, action = _random_direction_task(policy, 256, 0.2, 0.8, rng)
     _train(policy, data, "dynamics", 600, 3e-3, rng)
 
     obs = {"images": data["images"][:64], "proprio": data["proprio"][:64]}
@@ -104,8 +110,6 @@ def test_a_policy_trained_where_only_the_future_tells_the_action_reads_the_predi
     the frame it is given shows: far closer to the demonstration given the real next frame than another's."""
     import dataclasses
 
-    from conftest import render_square
-
     from dapolicy.policies import make_config
 
     torch.manual_seed(0)
@@ -114,18 +118,7 @@ def test_a_policy_trained_where_only_the_future_tells_the_action_reads_the_predi
     cfg = dataclasses.replace(cfg, next_obs_mix=dataclasses.replace(cfg.next_obs_mix, ground_truth=1.0, dynamics=0.0,
                                                                       rollout=0.0, null=0.0))
     policy = make_policy("dap", SQUARE_SPEC, config=cfg)
-    n = 384
-    start = rng.uniform(0.25, 0.75, (n, 2)).astype(np.float32)
-    action = rng.uniform(-0.1, 0.1, (n, 1, 2)).repeat(16, axis=1).astype(np.float32)
-    nxt = start + action[:, :8].sum(1)
-    data = {"images": torch.as_tensor(render_square(start)[:, None, None].repeat(2, axis=1)),
-            "next_images": torch.as_tensor(render_square(nxt)[:, None]), "proprio": torch.zeros(n, 2, 2),
-            "action": torch.as_tensor(action), "action_is_pad": torch.zeros(n, 16, dtype=torch.bool)}
-    policy.fit_normalizer(type("D", (), {"action": action.reshape(-1, 2), "proprio": np.zeros((n, 2))}))
-    _train(policy, data, "vae", 150, 3e-3, rng)
-    policy.after_stage("vae", data["images"][:, -1].numpy())
-    data["latents"] = policy.encode_latents(data["images"])
-    data["next_latents"] = policy.encode_latents(data["next_images"])
+    data, action = _random_direction_task(policy, 384, 0.25, 0.75, rng)
     _train(policy, data, "policy", 400, 3e-3, rng)
 
     obs = {"images": data["images"][:64], "proprio": data["proprio"][:64]}
