@@ -38,6 +38,11 @@ METRICS = ("success", "score")
 _CELL_FIELD = {"success": "episode_successes", "score": "episode_scores"}
 
 
+def _require_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise SuiteError(f"unknown metric {metric!r} (metrics: {', '.join(METRICS)})")
+
+
 def mcnemar_exact_p(a_only: int, b_only: int) -> float:
     """Two-sided exact McNemar test: the discordant pairs are Binomial(n, 1/2) under 'no difference'."""
     n = a_only + b_only
@@ -77,8 +82,7 @@ def paired_difference(pairs: dict[int, np.ndarray], resamples: int = 4000, seed:
 def episode_outcomes(suite: Suite, cell: Cell, work: Path | None, metric: str = "success") -> dict[int, float]:
     """Episode seed -> success (0/1) or score of one finished cell (from the cell, else its run folder's
     records)."""
-    if metric not in METRICS:
-        raise SuiteError(f"unknown metric {metric!r} (metrics: {', '.join(METRICS)})")
+    _require_metric(metric)
     path = cell_path(suite, cell)
     if not path.is_file():
         raise SuiteError(f"cell {cell.file_name} ({cell.split}) is not finished: run the benchmark first")
@@ -110,8 +114,7 @@ def compare(suite: Suite, a: str, b: str, split: str = "test", tasks: list[str] 
             work: Path | None = None, metric: str = "success") -> dict[str, Any]:
     """Paired comparison of rows `a` and `b` per task and suite (the cells both have, same seeds), on the
     episodes' successes or scores (`metric`)."""
-    if metric not in METRICS:
-        raise SuiteError(f"unknown metric {metric!r} (metrics: {', '.join(METRICS)})")
+    _require_metric(metric)
     for name in (a, b):
         if name not in suite.variants:
             raise SuiteError(f"suite {suite.name!r} has no row {name!r} (rows: {', '.join(suite.variants)})")

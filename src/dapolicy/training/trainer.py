@@ -46,18 +46,11 @@ def config_differences(theirs: Any, mine: Any) -> list[tuple[str, Any, Any]]:
     """(dotted field, their value, my value) for every config field both policy configs have and set
     differently (a field of one method only, e.g. DAP's dynamics model when FM copies its VAE, is skipped)."""
     from dapolicy.configuration import to_dict
-
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix: d}
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
+    from dapolicy.overrides import flatten
 
     if theirs is None or mine is None:
         return []
-    a, b = flat(to_dict(theirs)), flat(to_dict(mine))
+    a, b = flatten(to_dict(theirs)), flatten(to_dict(mine))
     return [(k, a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]]
 
 
