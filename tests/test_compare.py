@@ -96,6 +96,8 @@ def test_compare_on_scores_reads_the_cells_scores_and_falls_back_to_the_run_fold
                                      lambda r: r.pop("episode_scores"))
     fallback = compare(bm.load_suite(copy2 / "suite.toml"), "dap", "fm", work=work, metric="score")
     assert fallback["results"][0]["rate_a"] == pytest.approx(report["results"][0]["rate_a"])
+    elsewhere = compare(bm.load_suite(copy2 / "suite.toml"), "dap", "fm", work=tmp_path / "nowhere", metric="score")
+    assert any("pass the --work folder" in why for why in elsewhere["skipped"])
     assert cli_main(["benchmark", str(folder / "suite.toml"), "--compare", "dap,fm", "--metric", "score",
                      "--work", str(work)]) == 0
     assert "sign test p" in capsys.readouterr().out

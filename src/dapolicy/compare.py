@@ -93,6 +93,9 @@ def episode_outcomes(suite: Suite, cell: Cell, work: Path | None, metric: str = 
     if work is None:
         raise SuiteError(f"cell {cell.file_name} predates per-episode records: pass --work with its run folders")
     run = run_folder(work, *run_key(suite, cell)) / "eval_benchmark"
+    if not run.is_dir():
+        raise SuiteError(f"cell {cell.file_name} ({cell.split}) records no per-episode {metric}, and {run} does not "
+                         f"exist: pass the --work folder that holds its run")
     kind = cell.suite.replace(":", "@")
     for candidate in (run / f"{cell.split}_{cell.variant}_{kind}.json", run / f"{cell.split}_{kind}.json"):
         if not candidate.is_file():
