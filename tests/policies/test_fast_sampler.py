@@ -316,19 +316,23 @@ def test_the_observation_encoders_run_traced_and_follow_weight_updates(encoder):
     traces are dropped when the encoder's weights change."""
     policy = _policy("dap", obs_encoder=encoder)
     fast_sampler.set_options(policy, trace="on", parallel="on")
-    obs = _obs(1, seed=4)
-    _fast(policy, obs, "jacobi", seed=6)
-    kinds = {key[0] for key in fast_sampler._STATES[policy].traces.traces}
+    obs = _obs(3, seed=4)
+    before, _, _ = _fast(policy, obs, "jacobi", seed=6)
+    traces = fast_sampler._STATES[policy].traces.traces
     expected = {"observation_resnet", "current_latents"} if encoder == "resnet" else {"observation_vae"}
-    assert expected <= kinds
+    traced = {key[0] for key, fn in traces.items() if fn is not fast_sampler._EAGER}
+    assert expected <= traced  # traced, not fallen back to eager
     encoder_module = policy.policy_net.image_encoders if encoder == "resnet" else policy.vae
     with torch.no_grad():
         for p in encoder_module.parameters():
             p.mul_(1.3)
     a_ref, z_ref, _ = _reference(policy, obs, "jacobi", seed=6)
     a, z, _ = _fast(policy, obs, "jacobi", seed=6)
+    assert not torch.allclose(a, before)
     torch.testing.assert_close(a, a_ref, rtol=0, atol=ATOL)
     torch.testing.assert_close(z, z_ref, rtol=0, atol=ATOL)
+    a1, _, _ = _fast(policy, _obs(1, seed=5), "jacobi", seed=7)  # another batch size: its own traces
+    torch.testing.assert_close(a1, _reference(policy, _obs(1, seed=5), "jacobi", seed=7)[0], rtol=0, atol=ATOL)
 
 
 def test_auto_tracing_starts_at_the_second_call_with_the_same_weights():

@@ -26,6 +26,7 @@ same numbers (up to float rounding, checked by tests/policies/test_fast_sampler.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 import warnings
@@ -51,8 +52,9 @@ StepFn = Callable[[Tensor, int, "Tensor | None"], Tensor]
 class SamplerOptions:
     """How the fast sampler runs (results do not depend on it, up to float rounding).
 
-    trace: run the model steps as frozen TorchScript traces (`TraceRunner`). "auto" = on a CPU, from the
-        second call with unchanged weights (a one-off call does not pay the ~1-2 s tracing), for models up to
+    trace: run the model steps and the observation encoders as frozen TorchScript traces (`TraceRunner`).
+        "auto" = on a CPU, from the second call with unchanged weights (a one-off call does not pay the ~1-3 s
+        tracing), for models up to
         `AUTO_TRACE_MAX_PARAMETERS`; "on" / "off"; "compile" = `torch.compile` instead (`CompileRunner`,
         opt-in: on the 2-core CPU a compiled U-Net step was 2x slower than the frozen trace).
     parallel: run the dynamics and policy calls of a Jacobi step concurrently. "auto" = on a CPU with at
@@ -265,8 +267,9 @@ class TraceRunner:
         self.traces: dict[tuple, Callable[..., Tensor]] = {}
 
     def __call__(self, kind: str, owner: nn.Module, fn: Callable[..., Tensor], flat: list[Tensor]) -> Tensor:
-        # The two state inputs (batch included) and the weights fix every other input's shape, so they key
-        # the trace; hashing ~60 shapes would cost ~25 us per call.
+        # The first two inputs (a model step's state, or an encoder's images and proprio: batch included) and
+        # the weights fix every other input's shape, so they key the trace; hashing ~60 shapes would cost
+        # ~25 us per call.
         key = (kind, len(flat), flat[0].device, flat[0].dtype, *(tuple(t.shape) for t in flat[:2]))
         traced = self.traces.get(key)
         if traced is None:
@@ -425,7 +428,9 @@ class Concurrent:
             with torch.inference_mode():
                 return second()
 
-        future = self.pool().submit(run_second)
+        # in the caller's context: context variables (e.g. `validated_inputs`) hold in the worker too, so a
+        # trace built there records what one built in the caller would
+        future = self.pool().submit(contextvars.copy_context().run, run_second)
         try:
             out1 = first()
         finally:  # joined even when `first` raises: the worker never outlives the call
@@ -608,8 +613,8 @@ def _encode_observation(policy: Any, batch: dict[str, Tensor], dynamics_needs_la
 
     With the "vae" encoder both come from one VAE pass. With "resnet" the VAE encodes only the last frame, for
     the dynamics model, and runs beside the ResNet when a Jacobi step's worker is available. Both encoders run
-    through `runner` (a frozen trace on a CPU: ~1 ms less per chunk for the ResNet, and no GIL held, so the
-    two encoders of a Jacobi call overlap).
+    through `runner`, as the model steps do (with `TraceRunner`: ~1 ms less per chunk for the ResNet on the
+    2-core CPU, and no GIL held, so the two encoders of a Jacobi call overlap).
     """
     images, proprio = batch["images"], batch["proprio"]
     if policy.config.obs_encoder == "vae":
