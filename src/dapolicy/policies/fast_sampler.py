@@ -54,9 +54,9 @@ class SamplerOptions:
 
     trace: run the model steps and the observation encoders as frozen TorchScript traces (`TraceRunner`).
         "auto" = on a CPU, from the second call with unchanged weights (a one-off call does not pay the ~1-3 s
-        tracing), for models up to
-        `AUTO_TRACE_MAX_PARAMETERS`; "on" / "off"; "compile" = `torch.compile` instead (`CompileRunner`,
-        opt-in: on the 2-core CPU a compiled U-Net step was 2x slower than the frozen trace).
+        tracing), for models up to `AUTO_TRACE_MAX_PARAMETERS`; "on" / "off"; "compile" = `torch.compile`
+        instead (`CompileRunner`, opt-in: on the 2-core CPU a compiled U-Net step was 2x slower than the
+        frozen trace).
     parallel: run the dynamics and policy calls of a Jacobi step concurrently. "auto" = on a CPU with at
         least 2 cores when the steps run as traces (they hold no GIL), each model with half of torch's
         intra-op threads (at least 1), and on a GPU inside a captured CUDA graph (a side stream there costs
