@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from dapolicy.bench import bench_latency, bench_modes, synthetic_batch
+from dapolicy.bench import Case, bench_latency, bench_modes, synthetic_batch, time_interleaved
 from dapolicy.cli import main
 from dapolicy.policies import make_config, make_policy
 from dapolicy.policies.registry import method_names
@@ -42,16 +42,50 @@ def test_bench_latency_times_every_method_and_mode():
     assert all(r["p90_ms"] >= r["p50_ms"] > 0 and r["n"] == 1 for r in report["results"])
 
 
+@pytest.mark.parametrize("protocol", ["warm", "cold"])
+def test_time_interleaved_protocols(protocol, monkeypatch):
+    """Every round runs every case in a shuffled order; "warm" precedes each timed run by an untimed run of
+    the same case, "cold" times the run right after whatever case came before."""
+    import dapolicy.bench
+
+    log: list[tuple[str, bool]] = []
+    timing = {"on": False}
+    clock = dapolicy.bench.time.perf_counter
+
+    def perf_counter() -> float:  # the runs between a case's two clock reads are the timed ones
+        timing["on"] = not timing["on"]
+        return clock()
+
+    monkeypatch.setattr(dapolicy.bench.time, "perf_counter", perf_counter)
+    cases = [Case({"name": n}, lambda n=n: log.append((n, timing["on"]))) for n in "abc"]
+    times = time_interleaved(cases, reps=4, warmup=1, protocol=protocol)
+    assert [len(t) for t in times] == [4, 4, 4]
+    runs = log[3:]  # after one warm-up run per case
+    per_round = 6 if protocol == "warm" else 3
+    assert len(runs) == 4 * per_round
+    for r in range(4):
+        timed = [name for name, on in runs[r * per_round:(r + 1) * per_round] if on]
+        assert sorted(timed) == ["a", "b", "c"]
+    for i, (name, on) in enumerate(runs):
+        if on and protocol == "warm":
+            assert runs[i - 1] == (name, False)  # the same case, untimed, just before
+    with pytest.raises(ValueError, match="protocol"):
+        time_interleaved(cases, reps=1, protocol="hot")
+
+
 def test_dap_bench_latency_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "latency.json"
     code = main(["bench", "latency", "--config", "tiny", "--batch", "1", "--steps", "2", "--reps", "1",
-                 "--methods", "dap,fm", "--threads", "1", "--reference", "--json", str(out)])
+                 "--methods", "dap,fm", "--threads", "1", "--reference", "--idle-ms", "1", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert report["kind"] == "latency" and report["config"] == "tiny" and report["threads"] == [1]
+    assert report["protocol"] == "warm" and report["idle_ms"] == 1.0  # warm: a chunk after one of the same case
     assert {"ratio_dap_over_fm", "dap_p50_ms", "fm_p50_ms"} <= set(report["per_k"]["2"])
     assert {r["method"] for r in report["results"]} == {"dap", "fm", "dap-reference", "fm-reference"}
     assert "load_avg_1_5_15" in report["machine"] and "Jacobi DAP over FM" in capsys.readouterr().out
+    assert main(["bench", "latency", "--config", "tiny", "--idle-ms", "-1"]) != 0
+    assert "--idle-ms must be >= 0" in capsys.readouterr().err
 
 
 def test_dap_bench_latency_sampler_and_precision_options_are_applied_and_recorded(tmp_path, monkeypatch):

@@ -11,8 +11,15 @@
 
 The machine is shared and noisy, so everything one command compares is timed interleaved in one process
 (round-robin over all cases, in a shuffled order every round): machine noise then hits every case alike and
-ratios stay meaningful even when absolute times drift. DESIGN §4 asks for coupled (Jacobi) DAP <= 1.3x FM at
-the same K; the JSON holds that ratio per K.
+ratios stay meaningful even when absolute times drift. The project's target is coupled (Jacobi) DAP <= 1.3x
+FM at the same K; the JSON holds that ratio per K.
+
+Latency protocol (`--protocol`): by default ("warm") every timed chunk comes right after an untimed chunk of
+the same case, as on a robot that runs one policy chunk after chunk. With "cold" it comes right after
+whatever case the shuffle put before it, and so also pays for that case's leftovers: its weights in the
+caches instead of this one's, and on a CPU its OpenMP threads still spinning on the cores (a 2-thread case
+before a Jacobi DAP chunk takes the core its dynamics worker needs). Cold figures are lower bounds on what a
+busy machine costs; warm ones are what the method costs.
 """
 
 from __future__ import annotations
@@ -42,12 +49,24 @@ class Case:
     run: Callable[[], Any]
 
 
+PROTOCOLS = ("warm", "cold")
+
+
 def time_interleaved(cases: list[Case], reps: int, warmup: int = 3, seed: int = 0,
-                     sync: Callable[[], None] | None = None) -> list[list[float]]:
+                     sync: Callable[[], None] | None = None, protocol: str = "cold",
+                     idle_ms: float = 0.0) -> list[list[float]]:
     """Milliseconds of `reps` runs of every case, round-robin in a fresh shuffled order each round.
 
     Warm-up runs (excluded) come first: lazy initialisation, tracing and allocator growth happen there.
+    protocol "cold": each timed run follows whatever case the shuffle put before it, so it also pays for that
+    case's leftovers (its weights in the caches instead of this one's, its OpenMP threads still spinning on
+    the cores). "warm": each timed run follows an untimed run of the same case, as a chunk follows a chunk
+    of the same policy on a robot; the interleaving (and so the fairness under drift) is the same.
+    idle_ms: sleep this long right before every timed run, as a robot's process idles while a chunk is
+    executed (on a shared machine the caches and idle cores cool down meanwhile).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown timing protocol {protocol!r} (protocols: {', '.join(PROTOCOLS)})")
     sync = sync or (lambda: None)
     for case in cases:
         for _ in range(warmup):
@@ -57,6 +76,11 @@ def time_interleaved(cases: list[Case], reps: int, warmup: int = 3, seed: int = 
     rng = np.random.default_rng(seed)
     for _ in range(reps):
         for i in rng.permutation(len(cases)):
+            if protocol == "warm":
+                cases[i].run()
+                sync()
+            if idle_ms > 0:
+                time.sleep(idle_ms / 1e3)
             t0 = time.perf_counter()
             cases[i].run()
             sync()
@@ -157,8 +181,10 @@ def build_policies(size: str, device: str, methods: list[str] | None = None, see
 
 def bench_latency(size: str = "small", device: str = "cpu", batches: list[int] | None = None,
                   steps: list[int] | None = None, reps: int = 20, methods: list[str] | None = None,
-                  threads: list[int] | None = None, reference: bool = False, warmup: int = 3) -> dict[str, Any]:
-    """Per-chunk latency of every method and mode, timed interleaved; see the module docstring."""
+                  threads: list[int] | None = None, reference: bool = False, warmup: int = 3,
+                  protocol: str = "warm", idle_ms: float = 0.0) -> dict[str, Any]:
+    """Per-chunk latency of every method and mode, timed interleaved (`time_interleaved`'s `protocol`); see
+    the module docstring."""
     batches = batches or [1, 8]
     steps = steps or [1, 2, 5, 10]
     threads = threads or [torch.get_num_threads()]
@@ -167,13 +193,16 @@ def bench_latency(size: str = "small", device: str = "cpu", batches: list[int] |
     policies = build_policies(size, device, methods)
     cases = latency_cases(policies, batches, steps, threads, reference)
     try:
-        times = time_interleaved(cases, reps, warmup=warmup, sync=_sync_fn(device))
+        times = time_interleaved(cases, reps, warmup=warmup, sync=_sync_fn(device), protocol=protocol,
+                                 idle_ms=idle_ms)
     finally:
         torch.set_num_threads(restore)
     results = [{**c.labels, **_stats(t)} for c, t in zip(cases, times)]
     from dapolicy.policies.fast_sampler import get_options
 
-    return {"kind": "latency", "config": size, "reps": reps, "batches": batches, "steps": steps, "threads": threads,
+    return {"kind": "latency", "config": size, "reps": reps, "protocol": protocol, "idle_ms": idle_ms,
+            "batches": batches,
+            "steps": steps, "threads": threads,
             "sampler": dataclasses.asdict(get_options(None)),
             "matmul_precision": torch.get_float32_matmul_precision(), "machine": info,
             "load_avg_after": machine_info(device).get("load_avg_1_5_15"),
@@ -210,7 +239,8 @@ def dap_over_fm(results: list[dict], steps: list[int], batches: list[int], threa
 def print_latency(report: dict[str, Any]) -> None:
     m = report["machine"]
     print(f"# dap bench latency: config {report['config']}, {m['device']}, torch threads {report['threads']}, "
-          f"{report['reps']} interleaved chunks per case, load before {m.get('load_avg_1_5_15')} "
+          f"{report['reps']} interleaved chunks per case ({report.get('protocol', 'cold')}), "
+          f"load before {m.get('load_avg_1_5_15')} "
           f"after {report.get('load_avg_after')}")
     print(f"# fast sampler {report['sampler']}, float32 matmul precision {report.get('matmul_precision')}")
     for t in report["threads"]:
@@ -412,6 +442,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "(default: torch's)")
     p.add_argument("--reference", action="store_true",
                    help="latency: also time DAP (Jacobi) and FM through the reference sampler (before/after)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="warm",
+                   help="latency: warm (default) = every timed chunk right after an untimed chunk of the same "
+                        "case, as on a robot running one policy; cold = right after whatever case came before "
+                        "(pays for its cache footprint and spinning OpenMP threads). Both interleave every "
+                        "case in a shuffled order")
+    p.add_argument("--idle-ms", type=float, default=0.0, metavar="MS",
+                   help="latency: sleep MS before every timed chunk, like a robot's process between chunks "
+                        "(default 0: back to back)")
     p.add_argument("--flow-steps", type=positive_int, default=None, help="modes: K (default: the model's)")
     p.add_argument("--sampler", type=_sampler_settings, default={}, metavar="KEY=VALUE[,...]",
                    help="fast-sampler options for DAP and FM, e.g. trace=on,parallel=on (see "
@@ -428,6 +466,8 @@ def run(args: argparse.Namespace) -> int:
     args.device = resolve_device(args.device)
     if args.reps is not None and args.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    if args.idle_ms < 0:
+        raise ValueError(f"--idle-ms must be >= 0, got {args.idle_ms}")
     if args.threads:
         torch.set_num_threads(args.threads[0])
     if args.sampler:
@@ -445,7 +485,8 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     if args.what == "latency":
         report = bench_latency(args.config, args.device, args.batch, args.steps, args.reps or 20, methods,
-                               args.threads, args.reference)
+                               args.threads, args.reference, protocol=args.protocol,
+                               idle_ms=args.idle_ms)
         print_latency(report)
     else:
         report = bench_train(args.config, args.device, args.reps or 5, methods)

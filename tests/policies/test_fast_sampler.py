@@ -144,10 +144,9 @@ def test_fast_sampler_matches_the_reference_on_cuda(method, mode, run, monkeypat
 def test_a_call_that_cannot_be_captured_runs_eagerly_and_leaves_cuda_usable(monkeypatch):
     encode = fast_sampler._encode_observation
 
-    def encode_with_a_host_sync(*args, **kwargs):
-        tokens, current = encode(*args, **kwargs)
-        float(tokens.sum())  # reads a value back: not capturable
-        return tokens, current
+    def encode_with_a_host_sync(policy, batch, *args, **kwargs):
+        float(batch["images"].sum())  # reads a value back: not capturable
+        return encode(policy, batch, *args, **kwargs)
 
     monkeypatch.setattr(fast_sampler, "_encode_observation", encode_with_a_host_sync)
     policy = _policy("dap", device="cuda")
@@ -285,6 +284,49 @@ def test_the_last_jacobi_dynamics_call_runs_only_when_its_output_is_used(monkeyp
     calls.clear()
     policy.predict_chunk(_obs(1), mode="off")
     assert calls == []
+
+
+@pytest.mark.parametrize("encoder", ["resnet", "vae"])
+def test_one_step_jacobi_and_gauss_seidel_prepare_no_dynamics_and_match_the_reference(monkeypatch, encoder):
+    """At K = 1 those modes' only dynamics call is the skipped last one: no dynamics preparation and, with a
+    ResNet encoder, no VAE pass; the actions are still the reference's (its noise drawn in the same order)."""
+    policy = _policy("dap", obs_encoder=encoder)
+    fast_sampler.set_options(policy, trace="off", parallel="on")
+    prepared, encoded = [], []
+    original_prepare, original_encode = policy.dynamics.prepare_inference, policy.encode_latents
+    monkeypatch.setattr(policy.dynamics, "prepare_inference",
+                        lambda *a, **k: prepared.append(1) or original_prepare(*a, **k))
+    monkeypatch.setattr(policy, "encode_latents", lambda *a, **k: encoded.append(1) or original_encode(*a, **k))
+    obs = _obs(1, seed=3)
+    for mode in ("jacobi", "gauss_seidel"):
+        a_ref, _, _ = _reference(policy, obs, mode, seed=4, steps=1)
+        prepared.clear(), encoded.clear()
+        a, z, _ = _fast(policy, obs, mode, seed=4, steps=1, return_next=False, return_trace=False)
+        torch.testing.assert_close(a, a_ref, rtol=0, atol=ATOL)
+        assert z is None and prepared == []
+        assert encoded == ([] if encoder == "resnet" else [1])  # the "vae" encoder makes the policy's tokens
+        _fast(policy, obs, mode, seed=4, steps=1, return_next=True, return_trace=False)
+        assert prepared == [1]  # the predicted frame needs the one dynamics call
+
+
+def test_parallel_jacobi_prepares_the_dynamics_step_in_the_worker(monkeypatch):
+    """With a ResNet encoder the dynamics chain (VAE latents, then the DiT's per-call constants) runs on the
+    worker beside the ResNet; sequential Jacobi prepares it inline."""
+    import threading
+
+    policy = _policy("dap", obs_encoder="resnet")
+    threads = []
+    original = policy.dynamics.prepare_inference
+    monkeypatch.setattr(policy.dynamics, "prepare_inference",
+                        lambda *a, **k: threads.append(threading.current_thread().name) or original(*a, **k))
+    for parallel, worker in (("on", True), ("off", False)):
+        fast_sampler.set_options(policy, trace="on", parallel=parallel)
+        threads.clear()
+        obs = _obs(1, seed=5)
+        a, _, _ = _fast(policy, obs, "jacobi", seed=2, return_next=False, return_trace=False)
+        assert len(threads) == 1 and threads[0].startswith("dap-dynamics") == worker
+        a_ref, _, _ = _reference(policy, obs, "jacobi", seed=2)
+        torch.testing.assert_close(a, a_ref, rtol=0, atol=ATOL)
 
 
 def test_traces_follow_weight_updates():

@@ -11,8 +11,12 @@ same numbers (up to float rounding, checked by tests/policies/test_fast_sampler.
 * per step, the changing tokens (predicted next observation, action estimate) are projected to the keys and
   values of all attention layers in one fused matmul;
 * no dynamics call whose output nobody reads: the last Jacobi / Gauss-Seidel dynamics call only produces the
-  final latent, needed only for predicted frames or a trace; a ResNet-encoder model encodes only the
-  current frame to latents, and only when a coupled mode needs it;
+  final latent, needed only for predicted frames or a trace (so at K = 1 those modes call no dynamics at
+  all, and prepare none); a ResNet-encoder model encodes only the current frame to latents, and only when a
+  dynamics call needs it;
+* with a ResNet encoder, a Jacobi call's two chains overlap from the start: the dynamics side (VAE-encode
+  the current frame, prepare the DiT's per-call constants) runs on the worker beside the policy side
+  (ResNet tokens, the observation's keys/values);
 * the model steps and the observation encoders run as frozen TorchScript traces (no Python per layer,
   weight reshapes folded, no GIL held), see `SamplerOptions.trace`;
 * the policy and dynamics calls of one Jacobi step are independent and run concurrently (CPU: a worker
@@ -459,7 +463,8 @@ def sample(policy_step: PolicyStep, dynamics_step: StepFn | None, z_noise: Tenso
     taus = time_grid(steps)
     if mode == "off":
         return _policy_only(policy_step, a_noise, taus, None, trace), None
-    if dynamics_step is None or z_noise is None:
+    need_all = need_latents or trace is not None
+    if (dynamics_step is None or z_noise is None) and calls_dynamics(mode, steps, need_all):
         raise ValueError(f"mode {mode!r} needs a dynamics model")
     if mode == "predict_then_act":
         z = z_noise
@@ -469,7 +474,6 @@ def sample(policy_step: PolicyStep, dynamics_step: StepFn | None, z_noise: Tenso
     if mode not in ("jacobi", "gauss_seidel"):
         raise ValueError(f"unknown coupling mode {mode!r} (modes: {', '.join(COUPLING_MODES)})")
 
-    need_all = need_latents or trace is not None
     if mode == "jacobi":
         return _jacobi(policy_step, dynamics_step, z_noise, a_noise, steps, need_all, trace, concurrent)
     z, a = z_noise, a_noise  # Gauss-Seidel: the dynamics call waits for this step's action estimate
@@ -485,6 +489,14 @@ def sample(policy_step: PolicyStep, dynamics_step: StepFn | None, z_noise: Tenso
         if trace is not None:
             trace.record(tau, z_hat, a_hat)
     return a, (z if need_all else None)
+
+
+def calls_dynamics(mode: str, steps: int, need_all: bool) -> bool:
+    """Whether sampling in `mode` with K = `steps` calls the dynamics model at all: Jacobi and Gauss-Seidel
+    skip the last step's call unless its latents are needed (`need_all`), so at K = 1 they make none."""
+    if mode == "off":
+        return False
+    return mode == "predict_then_act" or steps > 1 or need_all
 
 
 def _jacobi(policy_step: PolicyStep, dynamics_step: StepFn, z: Tensor, a: Tensor, steps: int, need_all: bool,
@@ -608,13 +620,17 @@ def _available_cores() -> int:
 
 
 def _encode_observation(policy: Any, batch: dict[str, Tensor], dynamics_needs_latents: bool,
-                        concurrent: Concurrent | None, runner: Runner = run_eager) -> tuple[Tensor, Tensor | None]:
-    """(the policy's observation tokens, the current latents the dynamics model starts from, or None).
+                        concurrent: Concurrent | None, runner: Runner = run_eager,
+                        with_tokens: Callable[[Tensor], Any] = lambda tokens: tokens,
+                        with_latents: Callable[[Tensor], Any] = lambda latents: latents) -> tuple[Any, Any]:
+    """(with_tokens(the policy's observation tokens), with_latents(the current latents the dynamics model
+    starts from)); the second is None when the dynamics model is not needed.
 
     With the "vae" encoder both come from one VAE pass. With "resnet" the VAE encodes only the last frame, for
-    the dynamics model, and runs beside the ResNet when a Jacobi step's worker is available. Both encoders run
-    through `runner`, as the model steps do (with `TraceRunner`: ~1 ms less per chunk for the ResNet on the
-    2-core CPU, and no GIL held, so the two encoders of a Jacobi call overlap).
+    the dynamics model, and that chain (latents, then `with_latents`, i.e. preparing the dynamics step) runs on
+    a Jacobi call's worker beside the policy's (ResNet tokens, then `with_tokens`): the two share nothing.
+    Both encoders run through `runner`, as the model steps do (with `TraceRunner`: ~1 ms less per chunk for
+    the ResNet on the 2-core CPU, and no GIL held, so the two chains overlap).
     """
     images, proprio = batch["images"], batch["proprio"]
     if policy.config.obs_encoder == "vae":
@@ -624,7 +640,7 @@ def _encode_observation(policy: Any, batch: dict[str, Tensor], dynamics_needs_la
                                              augment=False), latents[:, -1]
 
         out = runner("observation_vae", policy, vae_tokens, [images, proprio])
-        return out[0], out[1]
+        return with_tokens(out[0]), (with_latents(out[1]) if dynamics_needs_latents else None)
 
     def resnet_tokens(images: Tensor, proprio: Tensor) -> Tensor:
         return policy.observation_tokens({"images": images, "proprio": proprio}, augment=False)
@@ -633,12 +649,17 @@ def _encode_observation(policy: Any, batch: dict[str, Tensor], dynamics_needs_la
         return runner("observation_resnet", policy, resnet_tokens, [images, proprio])
 
     if not dynamics_needs_latents:
-        return tokens(), None
+        return with_tokens(tokens()), None
 
     def latents() -> Tensor:
         return runner("current_latents", policy, policy.encode_latents, [images[:, -1]])
 
-    return concurrent.both(tokens, latents) if concurrent is not None else (tokens(), latents())
+    if concurrent is None:
+        return with_tokens(tokens()), with_latents(latents())
+    if concurrent.stream is not None:  # CUDA: the side stream encodes; both preparations stay on the main one
+        encoded, current = concurrent.both(tokens, latents)
+        return with_tokens(encoded), with_latents(current)
+    return concurrent.both(lambda: with_tokens(tokens()), lambda: with_latents(latents()))
 
 
 def predict(policy: Any, batch: dict[str, Tensor], return_next: bool, mode: str, steps: int, return_trace: bool,
@@ -689,18 +710,24 @@ def _predict_body(policy: Any, state: SamplerState, options: SamplerOptions, inp
         parallel = coupled and mode == "jacobi" and options.parallel != "off"
     else:
         parallel = coupled and mode == "jacobi" and _parallel(options, dev, runner)
+    uses_dynamics = coupled and calls_dynamics(mode, steps, return_next or trace is not None)
+    parallel = parallel and uses_dynamics
     b = batch["proprio"].shape[0]
     threads = _threads_per_model(options, dev, b, parallel)
     concurrent = Concurrent(dev, threads or 1) if parallel else None
     with torch.inference_mode(), _intra_op_threads(threads), validated_inputs():
-        tokens, current = _encode_observation(policy, batch, coupled and mode != "off", concurrent, runner)
         taus = state.constant(("taus", steps), lambda: torch.tensor(time_grid(steps), device=dev))
-        policy_step = PolicyStep(policy.policy_net, tokens, taus, runner, state.constant,
-                                 getattr(policy, "next_observation_tokens", None), policy)
-        dynamics_step = None
-        if coupled and mode != "off":
-            dynamics_step = DynamicsStep(policy.dynamics, current, policy.dynamics_proprio(batch["proprio"]), taus,
-                                         runner, state.constant, action_map=policy.policy_to_dynamics_action())
+
+        def prepare_policy(tokens: Tensor) -> PolicyStep:
+            return PolicyStep(policy.policy_net, tokens, taus, runner, state.constant,
+                              getattr(policy, "next_observation_tokens", None), policy)
+
+        def prepare_dynamics(current: Tensor) -> DynamicsStep:
+            return DynamicsStep(policy.dynamics, current, policy.dynamics_proprio(batch["proprio"]), taus, runner,
+                                state.constant, action_map=policy.policy_to_dynamics_action())
+
+        policy_step, dynamics_step = _encode_observation(policy, batch, uses_dynamics, concurrent, runner,
+                                                         prepare_policy, prepare_dynamics)
         return sample(policy_step, dynamics_step, inputs.get("z0"), inputs["a0"], steps, mode,
                       need_latents=return_next, trace=trace, concurrent=concurrent)
 
