@@ -366,6 +366,20 @@ def test_cli_check(run_dir, monkeypatch, capsys, tmp_path):
     assert "broker:" in text
 
 
+def test_cli_sampler_options_reach_the_served_policy(run_dir, monkeypatch, capsys):
+    """`dap serve --sampler parallel=off` (e.g. where the second core is not free) sets the fast sampler's
+    default for the served model; a bad setting is a usage error naming it."""
+    from dapolicy.policies import fast_sampler
+
+    monkeypatch.setattr(fast_sampler, "_DEFAULT", fast_sampler.SamplerOptions())
+    monkeypatch.setattr(serve, "_default_env_factory", lambda: square_factory)
+    code = cli.main(["serve", str(run_dir / "model"), "--check", "--episodes", "1", "--sampler", "parallel=off"])
+    assert code == 0 and fast_sampler.get_options(None).parallel == "off"
+    capsys.readouterr()
+    assert cli.main(["serve", str(run_dir / "model"), "--sampler", "parallel=sometimes"]) != 0
+    assert "parallel" in capsys.readouterr().err
+
+
 def test_check_refuses_an_env_that_cannot_feed_the_model(run_dir):
     class WideEnv(SquareEnv):
         spec = EnvSpec(name="wide", cameras=("top",), image_size=32, action_dim=3, proprio_dim=2, max_steps=5)

@@ -395,26 +395,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _sampler_settings(text: str) -> dict[str, Any]:
-    """`trace=on,parallel=on,threads=1` -> the fast sampler's option changes (validated by SamplerOptions)."""
-    from dapolicy.policies.fast_sampler import SamplerOptions
-
-    fields = {f.name for f in dataclasses.fields(SamplerOptions)}
-    changes: dict[str, Any] = {}
-    for item in (part.strip() for part in text.split(",") if part.strip()):
-        key, sep, value = item.partition("=")
-        if not sep or key.strip() not in fields:
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {sorted(fields)}, "
-                                             f"got {item!r}")
-        value = value.strip()
-        changes[key.strip()] = int(value) if value.isdigit() else value
-    try:
-        SamplerOptions(**changes)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return changes
-
-
 def _write_json(path: str, report: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
@@ -428,7 +408,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="latency / train (random weights, every method), modes RUN (a trained model's coupling "
                         "modes); a bare RUN means modes RUN")
     p.add_argument("run", nargs="?", default=None, help="for modes: run folder (with model/) or model folder")
-    from dapolicy.cli_options import add_device, add_out, positive_int
+    from dapolicy.cli_options import add_device, add_out, add_sampler, positive_int
 
     p.add_argument("--config", default="small", choices=SIZES, help="named size for latency/train (default small)")
     add_device(p, "the models run")
@@ -451,9 +431,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="latency: sleep MS before every timed chunk, like a robot's process between chunks "
                         "(default 0: back to back)")
     p.add_argument("--flow-steps", type=positive_int, default=None, help="modes: K (default: the model's)")
-    p.add_argument("--sampler", type=_sampler_settings, default={}, metavar="KEY=VALUE[,...]",
-                   help="fast-sampler options for DAP and FM, e.g. trace=on,parallel=on (see "
-                        "policies/fast_sampler.py::SamplerOptions; default: its auto rules)")
+    add_sampler(p)
     p.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
                    help="torch.set_float32_matmul_precision for the run: high = TF32 on NVIDIA GPUs "
                         "(default: torch's, highest); recorded in the JSON")
@@ -470,10 +448,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--idle-ms must be >= 0, got {args.idle_ms}")
     if args.threads:
         torch.set_num_threads(args.threads[0])
-    if args.sampler:
-        from dapolicy.policies.fast_sampler import set_options
+    from dapolicy.cli_options import apply_sampler
 
-        set_options(None, **args.sampler)
+    apply_sampler(args.sampler)
     if args.matmul_precision:
         torch.set_float32_matmul_precision(args.matmul_precision)
     if args.what not in SUBMODES:  # `dap bench RUN`: the original behaviour

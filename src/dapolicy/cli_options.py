@@ -6,6 +6,7 @@
     --quiet    no progress bars
     --seed     the seed of what the command draws (each command says what)
     --out      where the command writes (each command says what)
+    --sampler  the fast sampler's options for FM and DAP, e.g. parallel=off (bench, serve)
 
 Commands call these from their `configure_parser`; the values are checked when the command runs (a bad one is
 a one-line error, see `dapolicy.cli`).
@@ -14,6 +15,7 @@ a one-line error, see `dapolicy.cli`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 DEVICE_HELP = "auto (default: a GPU if visible, else cpu), cpu, cuda or cuda:N"
@@ -72,6 +74,42 @@ def add_out(p: argparse.ArgumentParser | Any, what: str, *aliases: str, required
             default: str | None = None, dest: str = "out") -> None:
     """--out (plus older spellings in `aliases`); `what` says what is written there and the default."""
     p.add_argument("--out", *aliases, dest=dest, required=required, default=default, metavar="PATH", help=what)
+
+
+def sampler_settings(text: str) -> dict[str, Any]:
+    """argparse type: `trace=on,parallel=off,threads=1` -> the fast sampler's option changes (checked by
+    `SamplerOptions`, so a bad key or value is a usage error naming it)."""
+    from dapolicy.policies.fast_sampler import SamplerOptions
+
+    fields = {f.name for f in dataclasses.fields(SamplerOptions)}
+    changes: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in fields:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {sorted(fields)}, "
+                                             f"got {item!r}")
+        value = value.strip()
+        changes[key.strip()] = int(value) if value.isdigit() else value
+    try:
+        SamplerOptions(**changes)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return changes
+
+
+def add_sampler(p: argparse.ArgumentParser | Any) -> None:
+    """--sampler KEY=VALUE[,...]: the fast sampler's options for every FM / DAP model of the command."""
+    p.add_argument("--sampler", type=sampler_settings, default={}, metavar="KEY=VALUE[,...]",
+                   help="fast-sampler options for DAP and FM, e.g. parallel=off or trace=off (see "
+                        "policies/fast_sampler.py::SamplerOptions; default: its auto rules)")
+
+
+def apply_sampler(settings: dict[str, Any]) -> None:
+    """Make `--sampler`'s changes the default of every policy this process samples from."""
+    if settings:
+        from dapolicy.policies.fast_sampler import set_options
+
+        set_options(None, **settings)
 
 
 def resolve_device(device: str | None) -> str:

@@ -601,6 +601,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=opt.positive_int, default=DEFAULT_MAX_BATCH,
                         help=f"largest batch an 'infer' request may carry (default {DEFAULT_MAX_BATCH})")
     opt.add_threads(parser, opt.EVAL_THREADS, opt.EVAL_THREADS_HELP)
+    opt.add_sampler(parser)
     parser.add_argument("--verbose", action="store_true", help="log every connection")
     check_group = parser.add_argument_group("end-to-end check (no robot needed)")
     check_group.add_argument("--check", nargs="?", const="", default=None, metavar="ENV",
@@ -624,8 +625,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:  # a failed handshake (a port scanner, a browser) is not worth a traceback
         logging.getLogger("dapolicy.serve.ws").addFilter(
             lambda record: not str(record.msg).startswith("opening handshake failed"))
+    from dapolicy.cli_options import apply_sampler
     from dapolicy.runtime import torch_threads
 
+    apply_sampler(args.sampler)
     with torch_threads(args.threads):
         return _run(args)
 
