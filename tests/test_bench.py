@@ -45,30 +45,36 @@ def test_bench_latency_times_every_method_and_mode():
 @pytest.mark.parametrize("protocol", ["warm", "cold"])
 def test_time_interleaved_protocols(protocol, monkeypatch):
     """Every round runs every case in a shuffled order; "warm" precedes each timed run by an untimed run of
-    the same case, "cold" times the run right after whatever case came before."""
+    the same case, "cold" times the run right after whatever case came before; `idle_ms` sleeps right before
+    every timed run, outside the timed window."""
+    import types
+
     import dapolicy.bench
 
     log: list[tuple[str, bool]] = []
     timing = {"on": False}
-    clock = dapolicy.bench.time.perf_counter
 
     def perf_counter() -> float:  # the runs between a case's two clock reads are the timed ones
         timing["on"] = not timing["on"]
-        return clock()
+        return 0.0
 
-    monkeypatch.setattr(dapolicy.bench.time, "perf_counter", perf_counter)
+    fake_time = types.SimpleNamespace(perf_counter=perf_counter,
+                                      sleep=lambda seconds: log.append((f"sleep {seconds:g}", timing["on"])))
+    monkeypatch.setattr(dapolicy.bench, "time", fake_time)
     cases = [Case({"name": n}, lambda n=n: log.append((n, timing["on"]))) for n in "abc"]
-    times = time_interleaved(cases, reps=4, warmup=1, protocol=protocol)
+    times = time_interleaved(cases, reps=4, warmup=1, protocol=protocol, idle_ms=5)
     assert [len(t) for t in times] == [4, 4, 4]
     runs = log[3:]  # after one warm-up run per case
-    per_round = 6 if protocol == "warm" else 3
+    per_round = 9 if protocol == "warm" else 6  # (untimed run,) sleep, timed run per case
     assert len(runs) == 4 * per_round
     for r in range(4):
         timed = [name for name, on in runs[r * per_round:(r + 1) * per_round] if on]
         assert sorted(timed) == ["a", "b", "c"]
     for i, (name, on) in enumerate(runs):
-        if on and protocol == "warm":
-            assert runs[i - 1] == (name, False)  # the same case, untimed, just before
+        if on:
+            assert runs[i - 1] == ("sleep 0.005", False)  # the idle gap, untimed, just before
+            if protocol == "warm":
+                assert runs[i - 2] == (name, False)  # the same case, untimed, before that
     with pytest.raises(ValueError, match="protocol"):
         time_interleaved(cases, reps=1, protocol="hot")
 

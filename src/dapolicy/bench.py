@@ -15,11 +15,11 @@ ratios stay meaningful even when absolute times drift. The project's target is c
 FM at the same K; the JSON holds that ratio per K.
 
 Latency protocol (`--protocol`): by default ("warm") every timed chunk comes right after an untimed chunk of
-the same case, as on a robot that runs one policy chunk after chunk. With "cold" it comes right after
-whatever case the shuffle put before it, and so also pays for that case's leftovers: its weights in the
-caches instead of this one's, and on a CPU its OpenMP threads still spinning on the cores (a 2-thread case
-before a Jacobi DAP chunk takes the core its dynamics worker needs). Cold figures are lower bounds on what a
-busy machine costs; warm ones are what the method costs.
+the same case, as when one policy runs chunk after chunk. With "cold" it comes right after whatever case the
+shuffle put before it, and so also pays for that case's leftovers: its weights in the caches instead of this
+one's, and on a CPU (the likely cause of most of it) its OpenMP threads still spinning on the cores, where a
+Jacobi DAP chunk's dynamics worker needs one. Both are back-to-back figures, the best case: a robot's process
+idles between chunks, and `--idle-ms` measures what that costs on a given machine.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ PROTOCOLS = ("warm", "cold")
 
 
 def time_interleaved(cases: list[Case], reps: int, warmup: int = 3, seed: int = 0,
-                     sync: Callable[[], None] | None = None, protocol: str = "cold",
+                     sync: Callable[[], None] | None = None, protocol: str = "warm",
                      idle_ms: float = 0.0) -> list[list[float]]:
     """Milliseconds of `reps` runs of every case, round-robin in a fresh shuffled order each round.
 
@@ -330,7 +330,8 @@ def bench_train(size: str = "small", device: str = "cpu", reps: int = 5, methods
     for name, policy in build_policies(size, device, methods).items():
         for stage in policy.stage_names:
             cases.append(_train_case(policy, name, stage, policy.stage_preset(stage).batch_size, device))
-    times = time_interleaved(cases, reps, warmup=warmup, sync=_sync_fn(device))
+    # training steps are throughput, not a control loop's latency: back to back, the cheaper cold order
+    times = time_interleaved(cases, reps, warmup=warmup, sync=_sync_fn(device), protocol="cold")
     results = []
     for case, ms in zip(cases, times):
         st = _stats(ms)

@@ -305,8 +305,35 @@ def test_one_step_jacobi_and_gauss_seidel_prepare_no_dynamics_and_match_the_refe
         torch.testing.assert_close(a, a_ref, rtol=0, atol=ATOL)
         assert z is None and prepared == []
         assert encoded == ([] if encoder == "resnet" else [1])  # the "vae" encoder makes the policy's tokens
-        _fast(policy, obs, mode, seed=4, steps=1, return_next=True, return_trace=False)
-        assert prepared == [1]  # the predicted frame needs the one dynamics call
+        _, z_ref, trace_ref = _reference(policy, obs, mode, seed=4, steps=1)
+        prepared.clear(), encoded.clear()
+        a, z, trace = _fast(policy, obs, mode, seed=4, steps=1, return_next=True, return_trace=True)
+        assert prepared == [1] and encoded == [1]  # the predicted frame / the trace need the one dynamics call
+        torch.testing.assert_close(z, z_ref, rtol=0, atol=ATOL)
+        torch.testing.assert_close(trace["a_hat"], trace_ref["a_hat"], rtol=0, atol=ATOL)
+        prepared.clear()
+        _fast(policy, obs, mode, seed=4, steps=1, return_next=False, return_trace=True)
+        assert prepared == [1]  # a trace alone also needs it
+
+
+def test_sample_without_a_dynamics_model_only_where_none_is_called():
+    """`sample` needs the dynamics step only where it will call it; an unknown mode is named as such."""
+    policy = _policy("fm", obs_encoder="resnet")
+    batch = policy.validate_obs(_obs(1))
+    with torch.inference_mode():
+        step = fast_sampler.PolicyStep(policy.policy_net, policy.observation_tokens(batch, augment=False),
+                                       torch.tensor(fast_sampler.time_grid(2)))
+        a0 = torch.randn(1, policy.config.horizon, SPEC.action_dim)
+        for mode in ("jacobi", "gauss_seidel"):
+            with pytest.raises(ValueError, match="needs a dynamics model"):
+                fast_sampler.sample(step, None, None, a0, 2, mode, need_latents=False)
+        with pytest.raises(ValueError, match="needs a dynamics model"):
+            fast_sampler.sample(step, None, None, a0, 1, "predict_then_act", need_latents=False)
+        with pytest.raises(ValueError, match="unknown coupling mode 'sideways'"):
+            fast_sampler.sample(step, None, None, a0, 2, "sideways", need_latents=False)
+        for mode in ("jacobi", "gauss_seidel"):  # K = 1: the only dynamics call is the skipped last one
+            a, z = fast_sampler.sample(step, None, None, a0, 1, mode, need_latents=False)
+            assert z is None and torch.equal(a, fast_sampler.sample(step, None, None, a0, 1, "off", False)[0])
 
 
 def test_parallel_jacobi_prepares_the_dynamics_step_in_the_worker(monkeypatch):

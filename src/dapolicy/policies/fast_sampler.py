@@ -14,9 +14,9 @@ same numbers (up to float rounding, checked by tests/policies/test_fast_sampler.
   final latent, needed only for predicted frames or a trace (so at K = 1 those modes call no dynamics at
   all, and prepare none); a ResNet-encoder model encodes only the current frame to latents, and only when a
   dynamics call needs it;
-* with a ResNet encoder, a Jacobi call's two chains overlap from the start: the dynamics side (VAE-encode
-  the current frame, prepare the DiT's per-call constants) runs on the worker beside the policy side
-  (ResNet tokens, the observation's keys/values);
+* with a ResNet encoder, a Jacobi call's two chains overlap from the start: on a CPU the dynamics side
+  (VAE-encode the current frame, prepare the DiT's per-call constants) runs on the worker beside the policy
+  side (ResNet tokens, the observation's keys/values); on a GPU the VAE runs on the side stream;
 * the model steps and the observation encoders run as frozen TorchScript traces (no Python per layer,
   weight reshapes folded, no GIL held), see `SamplerOptions.trace`;
 * the policy and dynamics calls of one Jacobi step are independent and run concurrently (CPU: a worker
@@ -50,6 +50,7 @@ from dapolicy.policies.base import validated_inputs
 from dapolicy.policies.coupling import COUPLING_MODES, CouplingTrace
 
 StepFn = Callable[[Tensor, int, "Tensor | None"], Tensor]
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -327,6 +328,8 @@ class SamplerState:
         self.fingerprint: tuple | None = None
         self.calls = 0  # sampling calls with the current weights
         self.constants: dict[Any, Any] = {}
+        # a Jacobi call prepares its two models in two threads (`_encode_observation`), both filling `constants`
+        self._constants_lock = threading.RLock()
         self.traces = TraceRunner()
         # the modules' parameter and buffer dicts, not the modules: this state is the value of a weak dict keyed
         # by the policy, so holding the policy (or any module, which a bound method could lead back to) here
@@ -346,10 +349,14 @@ class SamplerState:
         return self.calls
 
     def constant(self, key: Any, make: Callable[[], Any]) -> Any:
-        """`make()` once per weights (inference tensors: computed under inference mode)."""
-        if key not in self.constants:
-            self.constants[key] = make()
-        return self.constants[key]
+        """`make()` once per weights (inference tensors: computed under inference mode); thread-safe."""
+        found = self.constants.get(key, _MISSING)
+        if found is not _MISSING:
+            return found
+        with self._constants_lock:
+            if key not in self.constants:
+                self.constants[key] = make()
+            return self.constants[key]
 
     def _fingerprint(self, policy: nn.Module) -> tuple | None:
         """Storages and version counters of every weight, or None where that cannot tell a change (inference
@@ -461,19 +468,18 @@ def sample(policy_step: PolicyStep, dynamics_step: StepFn | None, z_noise: Tenso
     """
     dt = 1.0 / steps
     taus = time_grid(steps)
+    if mode not in COUPLING_MODES:
+        raise ValueError(f"unknown coupling mode {mode!r} (modes: {', '.join(COUPLING_MODES)})")
     if mode == "off":
         return _policy_only(policy_step, a_noise, taus, None, trace), None
     need_all = need_latents or trace is not None
     if (dynamics_step is None or z_noise is None) and calls_dynamics(mode, steps, need_all):
-        raise ValueError(f"mode {mode!r} needs a dynamics model")
+        raise ValueError(f"mode {mode!r} at K = {steps} needs a dynamics model")
     if mode == "predict_then_act":
         z = z_noise
         for k in range(steps):
             z = euler_step(z, dynamics_step(z, k, None), dt)
         return _policy_only(policy_step, a_noise, taus, z, trace), z
-    if mode not in ("jacobi", "gauss_seidel"):
-        raise ValueError(f"unknown coupling mode {mode!r} (modes: {', '.join(COUPLING_MODES)})")
-
     if mode == "jacobi":
         return _jacobi(policy_step, dynamics_step, z_noise, a_noise, steps, need_all, trace, concurrent)
     z, a = z_noise, a_noise  # Gauss-Seidel: the dynamics call waits for this step's action estimate
@@ -499,8 +505,8 @@ def calls_dynamics(mode: str, steps: int, need_all: bool) -> bool:
     return mode == "predict_then_act" or steps > 1 or need_all
 
 
-def _jacobi(policy_step: PolicyStep, dynamics_step: StepFn, z: Tensor, a: Tensor, steps: int, need_all: bool,
-            trace: CouplingTrace | None, concurrent: Concurrent | None) -> tuple[Tensor, Tensor | None]:
+def _jacobi(policy_step: PolicyStep, dynamics_step: StepFn | None, z: Tensor, a: Tensor, steps: int,
+            need_all: bool, trace: CouplingTrace | None, concurrent: Concurrent | None) -> tuple[Tensor, Tensor | None]:
     """Jacobi sampling: each step's two model calls see the other's estimate of the previous step, so they
     run concurrently when `concurrent` is given (one after the other otherwise).
 
@@ -627,8 +633,10 @@ def _encode_observation(policy: Any, batch: dict[str, Tensor], dynamics_needs_la
     starts from)); the second is None when the dynamics model is not needed.
 
     With the "vae" encoder both come from one VAE pass. With "resnet" the VAE encodes only the last frame, for
-    the dynamics model, and that chain (latents, then `with_latents`, i.e. preparing the dynamics step) runs on
-    a Jacobi call's worker beside the policy's (ResNet tokens, then `with_tokens`): the two share nothing.
+    the dynamics model, and on a CPU that chain (latents, then `with_latents`, i.e. preparing the dynamics
+    step) runs on a Jacobi call's worker beside the policy's (ResNet tokens, then `with_tokens`): neither reads
+    the other's results (they share only the per-weights caches, `SamplerState.constant` and the traces,
+    under distinct keys).
     Both encoders run through `runner`, as the model steps do (with `TraceRunner`: ~1 ms less per chunk for
     the ResNet on the 2-core CPU, and no GIL held, so the two chains overlap).
     """
@@ -656,9 +664,9 @@ def _encode_observation(policy: Any, batch: dict[str, Tensor], dynamics_needs_la
 
     if concurrent is None:
         return with_tokens(tokens()), with_latents(latents())
-    if concurrent.stream is not None:  # CUDA: the side stream encodes; both preparations stay on the main one
-        encoded, current = concurrent.both(tokens, latents)
-        return with_tokens(encoded), with_latents(current)
+    if concurrent.stream is not None:  # CUDA: the side stream only encodes; the preparations use the main one
+        policy_side, current = concurrent.both(lambda: with_tokens(tokens()), latents)
+        return policy_side, with_latents(current)
     return concurrent.both(lambda: with_tokens(tokens()), lambda: with_latents(latents()))
 
 
