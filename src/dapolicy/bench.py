@@ -201,8 +201,7 @@ def bench_latency(size: str = "small", device: str = "cpu", batches: list[int] |
     from dapolicy.policies.fast_sampler import get_options
 
     return {"kind": "latency", "config": size, "reps": reps, "protocol": protocol, "idle_ms": idle_ms,
-            "batches": batches,
-            "steps": steps, "threads": threads,
+            "batches": batches, "steps": steps, "threads": threads,
             "sampler": dataclasses.asdict(get_options(None)),
             "matmul_precision": torch.get_float32_matmul_precision(), "machine": info,
             "load_avg_after": machine_info(device).get("load_avg_1_5_15"),
