@@ -94,8 +94,17 @@ def init(env: DistEnv, device: torch.device) -> bool:
     return True
 
 
-def shutdown(created: bool) -> None:
-    if created and dist.is_initialized():
+def shutdown(created: bool, synchronise: bool = False) -> None:
+    """Leave the process group this process joined. synchronise (after a run that finished on every rank): meet
+    the other ranks at a barrier first, so that no rank tears gloo down (rank 0 hosts its store) while another
+    still has work in flight; under load an unsynchronised teardown was seen to abort a rank at exit. Not after
+    an error: a rank that failed alone would wait at the barrier until the timeout."""
+    if not (created and dist.is_initialized()):
+        return
+    try:
+        if synchronise:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 
