@@ -333,6 +333,18 @@ def test_ctrl_c_gives_the_resume_command(art: dict[str, Path], tmp_path: Path, m
     fails(capsys, ["eval", art["run"]], "interrupted", "rerun the same command", code=130)
 
 
+def test_ctrl_c_promises_no_resume_where_nothing_is_kept(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import dapolicy.bench
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dapolicy.bench, "run", interrupted)
+    line = fails(capsys, ["bench", "latency", "--config", "tiny"], "interrupted", code=130)
+    assert "rerun" not in line and "kept" not in line, line
+
+
 def test_readme_commands_parse() -> None:
     """Every `dap ...` line of the README's "Using it" section is accepted by the parser as written."""
     import shlex

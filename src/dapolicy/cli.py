@@ -33,6 +33,9 @@ def _headless_defaults() -> None:
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 
+#: Commands that keep nothing of an interrupted run: their Ctrl-C message promises no resume.
+NOT_RESUMABLE = frozenset({"info", "render-ood", "diagnose", "bench", "serve"})
+
 #: Set to show the full traceback of an error (also `dap --debug COMMAND ...`).
 DEBUG_ENV = "DAP_DEBUG"
 
@@ -102,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"\ndap {args.command}: interrupted (finished work is kept; rerun the same command to continue)",
-              file=sys.stderr)
+        kept = "" if args.command in NOT_RESUMABLE else " (finished work is kept; rerun the same command to continue)"
+        print(f"\ndap {args.command}: interrupted{kept}", file=sys.stderr)
         return 130
     except ModuleNotFoundError as err:
         if debug:
