@@ -189,6 +189,9 @@ def test_markdown_puts_in_distribution_first_and_averages_the_ood_suites():
     scored = [{**c, "mean_score": c["success_rate"] + 0.05} for c in cells]  # e.g. PushT's coverage score
     dap = next(line for line in bm.markdown_table(scored, suite, "test").splitlines() if line.startswith("| dap |"))
     assert "(50%; n=10); score 0.55" in dap
+    suite.protocol.suites = ["none", "blind"]  # a probe suite that lists the blind control: still no OOD mean
+    header = next(line for line in bm.markdown_table(cells, suite, "test").splitlines() if line.startswith("| method"))
+    assert "OOD mean" not in header and "| blind |" in header
 
 
 def test_charts_plot_the_score_where_it_is_not_the_success(tmp_path, monkeypatch):
