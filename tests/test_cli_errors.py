@@ -43,6 +43,11 @@ def copy(art: dict[str, Path], name: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(art[name], tmp_path / name))
 
 
+def _interrupted(*args: Any, **kwargs: Any) -> None:
+    """Stands in for a command's work: the user presses Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def fails(capsys: pytest.CaptureFixture[str], argv: list[str], *words: str, code: int = 2) -> str:
     """Run `dap ARGV`; it must exit with `code` and print exactly one error line holding every word (no traceback).
     Returns that line."""
@@ -239,11 +244,8 @@ def test_quickstart_bad_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     fails(capsys, ["quickstart", "--out", out, "--device", "cuda"], "--device cuda", "no CUDA device")
     assert not out.exists()  # checked before anything was collected or written
 
-    def interrupted(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
-
     monkeypatch.setattr(dapolicy.envs.base, "make_env", _NoEnv)
-    monkeypatch.setattr(dapolicy.collect, "collect", interrupted)
+    monkeypatch.setattr(dapolicy.collect, "collect", _interrupted)
     fails(capsys, ["quickstart", "--out", out, "--quiet"], "interrupted", f"dap quickstart --out {out}", code=130)
     fails(capsys, ["quickstart", "--out", out, "--seed", "1"], "other settings", "seed: 0 -> 1", "--overwrite")
     (out / "settings.json").write_text("{")
@@ -323,13 +325,10 @@ def test_ctrl_c_gives_the_resume_command(art: dict[str, Path], tmp_path: Path, m
     import dapolicy.evaluate
     import dapolicy.train
 
-    def interrupted(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(dapolicy.train, "train", interrupted)
+    monkeypatch.setattr(dapolicy.train, "train", _interrupted)
     fails(capsys, ["train", "--data", art["data"], "--out", tmp_path / "r"], "interrupted",
           f"dap train --out {tmp_path / 'r'} --resume", code=130)
-    monkeypatch.setattr(dapolicy.evaluate, "evaluate", interrupted)
+    monkeypatch.setattr(dapolicy.evaluate, "evaluate", _interrupted)
     fails(capsys, ["eval", art["run"]], "interrupted", "rerun the same command", code=130)
 
 
@@ -337,10 +336,7 @@ def test_ctrl_c_promises_no_resume_where_nothing_is_kept(monkeypatch: pytest.Mon
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     import dapolicy.bench
 
-    def interrupted(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(dapolicy.bench, "run", interrupted)
+    monkeypatch.setattr(dapolicy.bench, "run", _interrupted)
     line = fails(capsys, ["bench", "latency", "--config", "tiny"], "interrupted", code=130)
     assert "rerun" not in line and "kept" not in line, line
 

@@ -538,8 +538,7 @@ def markdown_table(cells: list[dict[str, Any]], suite: Suite, split: str) -> str
     agg = aggregate(cells)
     methods = [m for m in suite.variants if any(k[0] == m for k in agg)]
     kinds = suite_order(suite, (c["suite"] for c in cells))
-    # the blind control is not a distribution shift: it never enters the OOD mean, even when the protocol lists it
-    ood = [k for k in kinds if k in suite.protocol.suites and k.split(":")[0] not in ("none", "blind")]
+    ood = [k for k in kinds if k in suite.protocol.suites and is_ood_suite(k)]
     lines = [f"# Benchmark `{suite.name}` ({split} split)", "",
              "Success rate, mean over training seeds, with the pooled 95% Wilson interval over all episodes of all "
              "seeds; per-seed rates and their standard deviation (`sd`) in brackets; `n` = episodes per seed x "
@@ -581,6 +580,14 @@ def markdown_table(cells: list[dict[str, Any]], suite: Suite, split: str) -> str
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def is_ood_suite(kind: str) -> bool:
+    """True for a distribution shift ("light:2", "novel_object"); False in distribution and for the controls
+    (blind), which never enter an OOD mean or pool, even where a protocol lists them."""
+    from dapolicy.envs.perturbations import CONTROL_KINDS
+
+    return kind.split(":")[0] not in ("none", *CONTROL_KINDS)
 
 
 def suite_order(suite: Suite, kinds: Iterable[str]) -> list[str]:

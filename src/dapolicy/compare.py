@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from dapolicy.benchmark import Cell, Suite, SuiteError, cell_path, plan_cells, run_folder, run_key
+from dapolicy.benchmark import Cell, Suite, SuiteError, cell_path, is_ood_suite, plan_cells, run_folder, run_key
 
 OOD_POOL = "OOD (pooled)"
 METRICS = ("success", "score")
@@ -139,7 +139,7 @@ def compare(suite: Suite, a: str, b: str, split: str = "test", tasks: list[str] 
         common = sorted(set(sa) & set(sb))
         pairs = np.array([[sa[e], sb[e]] for e in common], dtype=float)
         rows.setdefault((task, kind), {})[seed] = pairs
-        if kind not in ("none", "blind"):
+        if is_ood_suite(kind):
             pooled = rows.setdefault((task, OOD_POOL), {})
             pooled[seed] = pairs if seed not in pooled else np.concatenate([pooled[seed], pairs])
     order = {k: i for i, k in enumerate(suite.protocol.suites)}

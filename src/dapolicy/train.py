@@ -125,11 +125,11 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
     created = distributed.init(env, dev)
     try:
         result = _train(data_dir, out_dir, method, config, stage, steps, seed, resume, overrides=overrides,
-                      config_file=config_file, init_from=init_from, batch_size=batch_size, lr=lr, dev=dev,
-                      threads=threads, logger=logger, progress=progress, use_best=use_best, amp=amp,
-                      stop_after=stop_after, overwrite=overwrite, train_config=train_config,
-                      policy_factory=policy_factory, grad_accum=grad_accum, compile=compile, lean_data=lean_data,
-                      wandb_project=wandb_project, env=distributed.current())
+                        config_file=config_file, init_from=init_from, batch_size=batch_size, lr=lr, dev=dev,
+                        threads=threads, logger=logger, progress=progress, use_best=use_best, amp=amp,
+                        stop_after=stop_after, overwrite=overwrite, train_config=train_config,
+                        policy_factory=policy_factory, grad_accum=grad_accum, compile=compile, lean_data=lean_data,
+                        wandb_project=wandb_project, env=distributed.current())
     except BaseException:
         distributed.shutdown(created)
         raise
