@@ -476,3 +476,19 @@ def test_act_given_next_and_predict_next_reject_float_frames_and_non_positive_st
         policy.act_given_next(_obs(2), None, steps=0)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         policy.predict_next(_obs(2), None, steps=-1)
+
+
+@pytest.mark.parametrize("method", ["fm", "dap"])
+def test_register_tokens_are_learned_context_shared_by_every_input(method):
+    plain, policy = _policy(method), _policy(method, register_tokens=3)
+    assert not any("registers" in k for k in plain.state_dict())  # old checkpoints still load
+    assert policy.policy_net.registers.shape == (3, policy.config.token_dim)
+    batch = _batch(4)
+    tokens = policy.observation_tokens(batch, augment=False)
+    assert tokens.shape[1] == plain.observation_tokens(batch, augment=False).shape[1] + 3
+    torch.testing.assert_close(tokens[:, -3:], policy.policy_net.registers[None].expand(4, -1, -1))
+    policy.train()
+    policy.compute_loss(batch, "policy")["loss"].backward()
+    assert policy.policy_net.registers.grad is not None and policy.policy_net.registers.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="register_tokens"):
+        make_config(method, "tiny", {"register_tokens": -1})

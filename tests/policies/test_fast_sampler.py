@@ -112,6 +112,16 @@ def test_fast_sampler_matches_the_reference(method, mode, run):
     torch.testing.assert_close(a_only, a_ref, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("method,mode", [("fm", "off"), ("dap", "jacobi")])
+def test_fast_sampler_matches_the_reference_with_register_tokens(method, mode):
+    policy = _policy(method, register_tokens=3)
+    fast_sampler.set_options(policy, trace="on", parallel="on")
+    obs = _obs(2)
+    a_ref, _, _ = _reference(policy, obs, mode, seed=7)
+    a, _, _ = _fast(policy, obs, mode, seed=7)
+    torch.testing.assert_close(a, a_ref, rtol=0, atol=ATOL)
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -59,6 +59,12 @@ class FMConfig:
         validation seeds it lifted push-v3 from 5/50 to 46/50 (DAP) and 7/50 to 49/50 (FM), and the
         quickstart task from 13/30 to 25/30 (docs/results.md).
     token_dim: width of all observation tokens the policy cross-attends to.
+    register_tokens: learned tokens appended to the observation tokens, the same for every input (0 = none).
+        Why: they give the cross-attention somewhere to put weight that no observation token should get.
+        DAP's policy always has such tokens when it sees no prediction (its null next observation), and
+        that, not the dynamics model, is what lifted it over FM on peg-insert-side: DAP's network trained on
+        the null prediction alone beat FM by +10.7 points [+0.0, +21.3] over 3 seeds (docs/results.md).
+        With DAP they add to the next-observation tokens.
     image_shift: random-shift augmentation in pixels at 64 px (scaled with the image size) for "resnet";
         latent_shift: the same on cached latents (in latent pixels) for "vae"; 0 = off.
     flow: training-time tau schedule and the number of sampling steps K.
@@ -70,6 +76,7 @@ class FMConfig:
     n_action_steps: int = 8
     obs_encoder: str = "vae"
     token_dim: int = 128
+    register_tokens: int = 0
     image_shift: int = 4
     latent_shift: int = 0
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -85,6 +92,8 @@ class FMConfig:
             raise ValueError(f"need 1 <= n_action_steps <= horizon, got {self.n_action_steps}, {self.horizon}")
         if self.n_obs_steps < 1:
             raise ValueError(f"n_obs_steps must be >= 1, got {self.n_obs_steps}")
+        if self.register_tokens < 0:
+            raise ValueError(f"register_tokens must be >= 0, got {self.register_tokens}")
         if self.image_shift < 0 or self.latent_shift < 0:
             raise ValueError("image_shift and latent_shift must be >= 0")
 
@@ -160,7 +169,8 @@ class FMPolicy(Policy):
                                     n_obs_steps=config.n_obs_steps, unet=config.unet, resnet=config.resnet,
                                     latent_channels=self.latent_channels, latent_size=self.latent_size,
                                     with_next_obs=self.with_next_obs,
-                                    next_obs_reader=getattr(config, "next_obs_reader", "latent"))
+                                    next_obs_reader=getattr(config, "next_obs_reader", "latent"),
+                                    register_tokens=config.register_tokens)
 
     @property
     def uses_vae(self) -> bool:

@@ -1,7 +1,8 @@
 """The action model shared by DAP and FM: observation tokenisers + the cross-attention 1-D U-Net.
 
 Context tokens the U-Net cross-attends to: current images (VAE latent patches or ResNet-GN features) with
-camera, frame and type embeddings; one proprio token per frame; and, for DAP, the predicted next
+camera, frame and type embeddings; one proprio token per frame; optional learned register tokens (constant,
+input-independent: somewhere for attention to go that is not an observation token); and, for DAP, the predicted next
 observation with its own type embedding (or learned null tokens when there is none), read either as VAE
 latent patches ("latent") or, decoded to images, through the same ResNet-GN as the current images ("image").
 FM builds the same network without the next-observation tokens.
@@ -24,8 +25,10 @@ class PolicyNet(nn.Module):
 
     def __init__(self, spec: EnvSpec, *, obs_encoder: str, token_dim: int, n_obs_steps: int, unet: UNet1DConfig,
                  resnet: ResNetGNConfig, latent_channels: int, latent_size: int, with_next_obs: bool,
-                 next_obs_reader: str = "latent") -> None:
+                 next_obs_reader: str = "latent", register_tokens: int = 0) -> None:
         super().__init__()
+        if register_tokens < 0:
+            raise ValueError(f"register_tokens must be >= 0, got {register_tokens}")
         d = token_dim
         n_cams = len(spec.cameras)
         self.obs_encoder = obs_encoder
@@ -51,10 +54,13 @@ class PolicyNet(nn.Module):
                                  f"image), got obs_encoder {obs_encoder!r}")
             self.null_next = nn.Parameter(torch.randn(n_cams * per_camera, d) * 0.02)
         self.unet = CrossAttnUNet1D(unet, spec.action_dim, d)
+        # Created last, and only when asked for, so that a network without them initialises as before.
+        self.registers = nn.Parameter(torch.randn(register_tokens, d) * 0.02) if register_tokens else None
 
     def observation_tokens(self, proprio: Tensor, latents: Tensor | None = None,
                            images: Tensor | None = None, image_keep: Tensor | None = None) -> Tensor:
-        """Tokens of the current observation: [B, T_o * (C * N + 1), D]. images: float [B, T, C, 3, S, S].
+        """Tokens of the current observation: [B, T_o * (C * N + 1) + R, D] (R register tokens, last). images:
+        float [B, T, C, 3, S, S].
 
         image_keep: optional [B] mask; where False the image tokens carry only their position embeddings
         (the current images are hidden from the policy, proprio stays).
@@ -75,7 +81,10 @@ class PolicyNet(nn.Module):
             tok = tok * image_keep.to(tok.dtype)[:, None, None, None, None]
         tok = tok + self.camera_embed[None, None, :, None] + self.frame_embed[None, :, None, None] + self.type_embed[0]
         prop = self.proprio_embed(proprio) + self.frame_embed[None] + self.type_embed[1]  # [B, T, D]
-        return torch.cat([tok.flatten(1, 3), prop], dim=1)
+        groups = [tok.flatten(1, 3), prop]
+        if self.registers is not None:
+            groups.append(self.registers[None].expand(b, -1, -1))
+        return torch.cat(groups, dim=1)
 
     def image_tokens(self, images: Tensor) -> Tensor:
         """Per-camera ResNet tokens of float images [B, C, 3, S, S] -> [B, C, N, D] (no embeddings added)."""
