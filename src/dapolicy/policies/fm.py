@@ -60,10 +60,10 @@ class FMConfig:
         quickstart task from 13/30 to 25/30 (docs/results.md).
     token_dim: width of all observation tokens the policy cross-attends to.
     register_tokens: learned tokens appended to the observation tokens, the same for every input (0 = none).
-        Why: they give the cross-attention somewhere to put weight that no observation token should get.
-        DAP's policy always has such tokens when it sees no prediction (its null next observation), and
-        that, not the dynamics model, is what lifted it over FM on peg-insert-side: DAP's network trained on
-        the null prediction alone beat FM by +10.7 points [+0.0, +21.3] over 3 seeds (docs/results.md).
+        Why: they give the cross-attention somewhere to put weight that no observation token should get, as
+        DAP's null next-observation tokens do. DAP's network trained on the null prediction alone beat FM on
+        peg-insert-side (+10.7 points, 3 seeds); FM with 32 registers did not repeat that (docs/results.md),
+        so they stay off by default.
         With DAP they add to the next-observation tokens.
     image_shift: random-shift augmentation in pixels at 64 px (scaled with the image size) for "resnet";
         latent_shift: the same on cached latents (in latent pixels) for "vae"; 0 = off.
