@@ -63,8 +63,7 @@ class FMConfig:
         Why: they give the cross-attention somewhere to put weight that no observation token should get, as
         DAP's null next-observation tokens do. DAP's network trained on the null prediction alone beat FM on
         peg-insert-side (+10.7 points, 3 seeds); FM with 32 registers did not repeat that (docs/results.md),
-        so they stay off by default.
-        With DAP they add to the next-observation tokens.
+        so they stay off by default. In DAP they come on top of the next-observation (or null) tokens.
     image_shift: random-shift augmentation in pixels at 64 px (scaled with the image size) for "resnet";
         latent_shift: the same on cached latents (in latent pixels) for "vae"; 0 = off.
     flow: training-time tau schedule and the number of sampling steps K.
