@@ -51,6 +51,9 @@ class TaskSpec:
     image_size: int = 64
     collect: dict[str, Any] = field(default_factory=dict)  # any other `dap collect` option
     max_steps: int | None = None  # evaluation episode limit (None = the task's)
+    # training seeds of this task's cells (None = the protocol's), for a task whose spread between trained models
+    # needs more of them; a row's own `seeds` still win
+    seeds: list[int] | None = None
 
 
 @dataclass
@@ -150,6 +153,10 @@ def parse_suite(data: dict[str, Any], path: Path) -> Suite:
     variants = {k: _build(VariantSpec, v, f"{path}: [methods.{k}]", name=k) for k, v in data.get("methods", {}).items()}
     if not tasks or not variants:
         raise SuiteError(f"{path}: needs at least one [tasks.NAME] and one [methods.NAME]")
+    for t in tasks.values():
+        if t.seeds is not None and (not t.seeds or not all(isinstance(x, int) and x >= 0 for x in t.seeds)):
+            raise SuiteError(f"{path}: [tasks.{t.name}] seeds must be a non-empty list of training seeds >= 0, "
+                             f"got {t.seeds!r}")
     for v in variants.values():
         if v.method not in method_names():
             raise SuiteError(f"{path}: [methods.{v.name}] method {v.method!r} is not registered "
@@ -198,6 +205,14 @@ class Cell:
         return f"{self.variant}__{self.task}__s{self.seed}__{self.suite.replace(':', '@')}.json"
 
 
+def training_seeds(suite: Suite, variant: VariantSpec, task: str) -> list[int]:
+    """The training seeds of a row on a task: the row's own, else the task's, else the protocol's."""
+    if variant.seeds is not None:
+        return variant.seeds
+    own = suite.tasks[task].seeds
+    return own if own is not None else suite.protocol.seeds
+
+
 def plan_cells(suite: Suite, split: str, only: list[str] | None = None, tasks: list[str] | None = None,
                seeds: list[int] | None = None, suites: list[str] | None = None) -> list[Cell]:
     """Every cell of the suite (filtered), grouped by (variant, task, seed) so each model trains once."""
@@ -208,7 +223,7 @@ def plan_cells(suite: Suite, split: str, only: list[str] | None = None, tasks: l
         for task in v.tasks if v.tasks is not None else list(suite.tasks):
             if tasks and task not in tasks:
                 continue
-            for seed in v.seeds if v.seeds is not None else suite.protocol.seeds:
+            for seed in training_seeds(suite, v, task):
                 if seeds and seed not in seeds:
                     continue
                 for kind in v.suites if v.suites is not None else suite.protocol.suites:
@@ -227,7 +242,7 @@ def plan_trainings(suite: Suite, only: list[str] | None = None, tasks: list[str]
         if (only and v.name not in only) or v.run_of:
             continue
         for task in v.tasks if v.tasks is not None else list(suite.tasks):
-            for seed in v.seeds if v.seeds is not None else suite.protocol.seeds:
+            for seed in training_seeds(suite, v, task):
                 if (not tasks or task in tasks) and (not seeds or seed in seeds):
                     runs.append((v.name, task, int(seed)))
     return runs
