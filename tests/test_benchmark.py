@@ -233,3 +233,42 @@ def test_a_row_retrained_from_a_stage_trains_that_stage_and_every_later_one(smok
     state = json.loads((run / "state.json").read_text())
     assert state["stages_done"][-2:] == ["dynamics", "policy"]
     assert {"dynamics", "policy"} <= set(state["summaries"]) and "vae" not in state["summaries"]
+
+
+def test_a_task_may_set_its_own_training_seeds_and_a_row_its_own_over_them(tmp_path):
+    path = tmp_path / "suite.toml"
+    path.write_text('[protocol]\nseeds = [0, 1]\n[tasks.a]\nenv = "pusht"\n'
+                    '[tasks.b]\nenv = "pusht"\nseeds = [0, 1, 2, 3]\n'
+                    '[methods.x]\nmethod = "fm"\nsuites = ["none"]\n'
+                    '[methods.y]\nmethod = "fm"\nsuites = ["none"]\nseeds = [5]\n')
+    suite = bm.load_suite(path)
+    seeds = {(c.variant, c.task): [] for c in bm.plan_cells(suite, "test")}
+    for c in bm.plan_cells(suite, "test"):
+        seeds[c.variant, c.task].append(c.seed)
+    assert seeds == {("x", "a"): [0, 1], ("x", "b"): [0, 1, 2, 3], ("y", "a"): [5], ("y", "b"): [5]}
+    assert ("x", "b", 3) in bm.plan_trainings(suite)
+    path.write_text('[tasks.a]\nenv = "pusht"\nseeds = []\n[methods.x]\nmethod = "fm"\n')
+    with pytest.raises(bm.SuiteError, match=r"\[tasks.a\] seeds"):
+        bm.load_suite(path)
+
+
+def test_augmentation_is_part_of_a_runs_recipe_only_when_on(smoke, tmp_path):
+    folder, work = smoke
+    suite = bm.load_suite(folder / "suite.toml")
+    assert suite.protocol.augment and bm.training_recipe(suite, "dap")["augment"] is True
+    trained = json.loads((work / "runs" / "dap" / "button" / "s0" / "config.json").read_text())
+    assert trained["train"]["augment"] is True  # the benchmark trains as its protocol says
+    # a suite trained before augmentation worked keeps it off: its cells (recorded without the field) stay current
+    suite.protocol.augment = False
+    assert "augment" not in bm.training_recipe(suite, "dap")
+    cell = bm.Cell("fm", "button", 0, "none", "test")
+    record = json.loads(bm.cell_path(suite, cell).read_text())
+    record["recipe"].pop("augment")
+    record["recipe"]["source"].pop("augment")
+    assert bm.stale_fields(suite, cell, record) == []
+    suite.protocol.augment = True  # and turning it on makes such a cell stale
+    assert bm.stale_fields(suite, cell, record) == ["augment", "source.augment"]
+    bad = tmp_path / "suite.toml"
+    bad.write_text('[protocol]\naugment = "no"\n[tasks.a]\nenv = "pusht"\n[methods.x]\nmethod = "fm"\n')
+    with pytest.raises(bm.SuiteError, match="augment must be true or false"):
+        bm.load_suite(bad)

@@ -94,6 +94,9 @@ class Protocol:
     validation_seed: int = 300_000
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     suites: list[str] = field(default_factory=lambda: ["none", "light", "distractor", "novel_object"])
+    # random-shift augmentation while training (`dap train --augment`); a suite whose cells were trained before
+    # augmentation worked (2026-11-27) keeps it off, so that all of its cells follow one recipe
+    augment: bool = True
 
 
 @dataclass
@@ -149,6 +152,8 @@ def parse_suite(data: dict[str, Any], path: Path) -> Suite:
     if unknown:
         raise SuiteError(f"{path}: unknown top-level field(s) {unknown}")
     protocol = _build(Protocol, data.get("protocol", {}), f"{path}: [protocol]")
+    if not isinstance(protocol.augment, bool):
+        raise SuiteError(f"{path}: [protocol] augment must be true or false, got {protocol.augment!r}")
     tasks = {k: _build(TaskSpec, v, f"{path}: [tasks.{k}]", name=k) for k, v in data.get("tasks", {}).items()}
     variants = {k: _build(VariantSpec, v, f"{path}: [methods.{k}]", name=k) for k, v in data.get("methods", {}).items()}
     if not tasks or not variants:
@@ -264,6 +269,8 @@ def training_recipe(suite: Suite, name: str) -> dict[str, Any]:
     """What a variant's trained run depends on: its training fields and, under "source", its init_from row's."""
     v = suite.variants[name]
     recipe: dict[str, Any] = {f: getattr(v, f) for f in TRAINING_FIELDS}
+    if suite.protocol.augment:  # recorded only when on: every cell recorded before the field trained without it
+        recipe["augment"] = True
     if v.init_from:
         recipe["source"] = training_recipe(suite, v.init_from)
     return recipe
@@ -274,6 +281,8 @@ def variant_recipe(suite: Suite, name: str) -> dict[str, Any]:
     row it starts from (init_from) or evaluates (run_of)."""
     v = suite.variants[name]
     recipe: dict[str, Any] = {f: getattr(v, f) for f in RECIPE_FIELDS}
+    if suite.protocol.augment and not v.run_of:  # as in `training_recipe`
+        recipe["augment"] = True
     source = v.run_of or v.init_from
     if source:
         recipe["source"] = training_recipe(suite, source)
@@ -406,7 +415,7 @@ class Runner:
         self._say(f"training {variant} on {task}, seed {seed} -> {run}" + (" (resuming)" if exists else ""))
         kwargs: dict[str, Any] = dict(method=v.method, config=v.config, steps=v.steps, seed=seed,
                                       overrides=v.set or None, threads=self.threads, progress=self.progress,
-                                      device=self.device)
+                                      device=self.device, augment=self.suite.protocol.augment)
         if exists:
             train(data, run, resume=True, **{k: kwargs[k] for k in ("threads", "progress", "device")})
         else:

@@ -83,7 +83,8 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
           batch_size: int | str | dict[str, int] | None = None, lr: float | None = None,
           device: str | torch.device | None = "auto", threads: int | None = None, logger: str | None = None,
           progress: bool | None = None, use_best: bool | None = None, amp: bool | None = None,
-          stop_after: int | None = None, overwrite: bool = False, train_config: TrainConfig | None = None,
+          augment: bool | None = None, stop_after: int | None = None, overwrite: bool = False,
+          train_config: TrainConfig | None = None,
           policy_factory: Callable[[Any], Any] | None = None, grad_accum: int | None = None,
           compile: bool | None = None, lean_data: bool | None = None, wandb_project: str | None = None) -> Path:
     """Train a policy on the episode store in `data_dir`; returns the run folder `out_dir`.
@@ -111,6 +112,7 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
         count becomes processes x grad_accum and is stored with the run. amp: bfloat16 autocast on CUDA.
         compile: `torch.compile` the loss. lean_data: memory-mapped images (`EpisodeStore.load(lazy=True)`).
         amp, compile and lean_data are stored with the run too (None keeps the stored value).
+    augment: apply the config's random-shift augmentation while training (default True; stored with the run).
     logger: "none", "tensorboard" or "wandb" (None keeps the stored one); its package must be installed, checked
         before anything is written. wandb_project: the wandb project (default $WANDB_PROJECT, else "dapolicy").
     Under torchrun (WORLD_SIZE > 1) the call joins the process group (gloo on CPU, NCCL on CUDA, each process on
@@ -127,7 +129,7 @@ def train(data_dir: str | Path, out_dir: str | Path, method: str | None = None, 
         result = _train(data_dir, out_dir, method, config, stage, steps, seed, resume, overrides=overrides,
                         config_file=config_file, init_from=init_from, batch_size=batch_size, lr=lr, dev=dev,
                         threads=threads, logger=logger, progress=progress, use_best=use_best, amp=amp,
-                        stop_after=stop_after, overwrite=overwrite, train_config=train_config,
+                        augment=augment, stop_after=stop_after, overwrite=overwrite, train_config=train_config,
                         policy_factory=policy_factory, grad_accum=grad_accum, compile=compile, lean_data=lean_data,
                         wandb_project=wandb_project, env=distributed.current())
     except BaseException:
@@ -141,7 +143,8 @@ def _train(data_dir: str | Path, out_dir: str | Path, method: str | None, config
            stage: str | Sequence[str] | None, steps: Any, seed: int | None, resume: bool, *, overrides: Any,
            config_file: Any, init_from: Any, batch_size: Any, lr: float | None, dev: torch.device,
            threads: int | None, logger: str | None, progress: bool | None, use_best: bool | None,
-           amp: bool | None, stop_after: int | None, overwrite: bool, train_config: TrainConfig | None,
+           amp: bool | None, augment: bool | None, stop_after: int | None, overwrite: bool,
+           train_config: TrainConfig | None,
            policy_factory: Callable[[Any], Any] | None, grad_accum: int | None, compile: bool | None,
            lean_data: bool | None, wandb_project: str | None, env: DistEnv) -> Path:
     """`train` in one process of the job (all of it in a single process); see `train`."""
@@ -176,6 +179,7 @@ def _train(data_dir: str | Path, out_dir: str | Path, method: str | None, config
                                 else TrainConfig.preset(config))
         cfg = _apply_overrides(base, stages or names, names, steps=steps, batch_size=batch_size, lr=lr,
                                threads=threads, logger=logger, progress=progress, use_best=use_best, amp=amp,
+                               augment=augment,
                                compile=compile, lean_data=lean_data, wandb_project=wandb_project)
         if logger is None and cfg.logger != "none":  # a stored run's logger, whose package may have gone since
             try:
@@ -349,6 +353,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "--no-use-best turns it off)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bfloat16 autocast on CUDA (stored with the run; --no-amp turns it off)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="random-shift image augmentation while training, as the config's image_shift / "
+                             "latent_shift say (default on; stored with the run; --no-augment turns it off)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the training loss (stored with the run; --no-compile turns it off)")
     parser.add_argument("--grad-accum", type=positive_int, default=None, metavar="K",
@@ -390,7 +397,8 @@ def run(args: argparse.Namespace) -> int:
                     overrides=args.overrides, config_file=args.config_file, init_from=args.init_from,
                     steps=args.steps, seed=args.seed, resume=args.resume, batch_size=args.batch_size,
                     lr=args.lr, device=args.device, threads=args.threads, logger=args.logger,
-                    progress=progress, use_best=args.use_best, amp=args.amp, stop_after=args.stop_after,
+                    progress=progress, use_best=args.use_best, amp=args.amp, augment=args.augment,
+                    stop_after=args.stop_after,
                     overwrite=args.overwrite, grad_accum=args.grad_accum, compile=args.compile,
                     lean_data=args.lean_data, wandb_project=args.wandb_project)
     except TrainingDiverged as e:

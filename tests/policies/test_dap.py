@@ -492,3 +492,43 @@ def test_register_tokens_are_learned_context_shared_by_every_input(method):
     assert policy.policy_net.registers.grad is not None and policy.policy_net.registers.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="register_tokens"):
         make_config(method, "tiny", {"register_tokens": -1})
+
+
+def test_the_dap_method_trains_a_null_only_policy_exactly_as_fm_trains_the_same_network(square_store, tmp_path):
+    """DAP's policy stage with the null prediction only is FM with as many register tokens: from the same initial
+    weights, on the same data and seed, every step's loss is the same. So a gap between those two benchmark rows
+    comes from their initial weights (DAP draws its policy network after its VAE), not from how `dap` trains."""
+    import copy
+    import json
+
+    from dapolicy.data.store import EpisodeStore
+    from dapolicy.train import train
+    from dapolicy.training.checkpoint import seed_everything
+    from dapolicy.training.config import TrainConfig
+
+    spec = EpisodeStore.open(square_store).spec
+    common = ["obs_encoder=resnet", "resnet.width=8"]
+    seed_everything(0)
+    dap = make_policy("dap", spec, make_config("dap", "tiny", common + [
+        "next_obs_mix.ground_truth=0", "next_obs_mix.dynamics=0", "next_obs_mix.rollout=0", "next_obs_mix.null=1"]))
+    null = dap.policy_net.null_next.detach()
+    fm = make_policy("fm", spec, make_config("fm", "tiny", common + [f"register_tokens={null.shape[0]}"]))
+    weights = {k: v for k, v in dap.policy_net.state_dict().items() if not k.startswith(("next_tokenizer", "null"))}
+    fm.policy_net.load_state_dict({**weights, "registers": null.clone()})
+    losses = {}
+    for name, policy in (("dap", dap), ("fm", fm)):
+        run = train(square_store, tmp_path / name, method=name, config="tiny", steps=6, seed=0, threads=1,
+                    progress=False, device="cpu", train_config=TrainConfig.preset("tiny", log_interval=1),
+                    policy_factory=lambda _spec, p=policy: copy.deepcopy(p))
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in records if r.get("kind") == "train" and r.get("stage") == "policy"]
+    assert len(losses["dap"]) == 6
+    assert losses["dap"] == pytest.approx(losses["fm"], rel=1e-4)
+    # and the test can tell: other initial weights give other losses
+    seed_everything(1)
+    other = make_policy("fm", spec, make_config("fm", "tiny", common + [f"register_tokens={null.shape[0]}"]))
+    run = train(square_store, tmp_path / "other", method="fm", config="tiny", steps=6, seed=0, threads=1,
+                progress=False, device="cpu", train_config=TrainConfig.preset("tiny", log_interval=1),
+                policy_factory=lambda _spec: other)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records if r.get("kind") == "train"] != pytest.approx(losses["fm"], rel=1e-4)

@@ -232,6 +232,15 @@ class Policy(nn.Module, ABC):
                                      "observation: the model's weights (or the encoders' outputs) are not finite")
         return pred
 
+    #: Whether training losses apply the config's random-shift augmentation; the training loop sets it from
+    #: `TrainConfig.augment` for each stage it runs.
+    augment_in_training: bool = True
+
+    def augmenting(self, module: nn.Module) -> bool:
+        """Whether a loss augments the images `module` reads: only while that network trains (the training loop
+        keeps the policy itself, and every frozen part, in eval mode) and augmentation is on."""
+        return self.augment_in_training and module.training
+
     def ensure_eval(self) -> None:
         """Eval mode for inference, cheaply: `eval()` walks every submodule (~1-2 ms for `small`, a few % of a
         chunk), so it runs only when the policy or one of its models (a direct child: training switches

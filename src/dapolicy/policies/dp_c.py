@@ -164,7 +164,7 @@ class DiffusionPolicyBase(Policy):
             raise ValueError(f"batch['proprio'] has shape {tuple(proprio.shape)}, "
                              f"expected [B, {t}, {self.spec.proprio_dim}]")
         x = images_to_float(images)
-        if augment and self.training and self.config.image_shift > 0:
+        if augment and self.augmenting(self.net) and self.config.image_shift > 0:
             pad = max(1, round(self.config.image_shift * s / 64))
             x = random_shift(x.flatten(0, 2), pad).view_as(x)
         return self.condition(self.net.obs_encoder(x), self.proprio_normalizer.normalize(proprio.float()))

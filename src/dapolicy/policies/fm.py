@@ -246,11 +246,11 @@ class FMPolicy(Policy):
         proprio = self.proprio_normalizer.normalize(require(batch, "proprio", 3))
         if self.config.obs_encoder == "vae":
             latents = require(batch, "latents", 6)
-            if augment and self.training and self.config.latent_shift > 0:
+            if augment and self.augmenting(self.policy_net) and self.config.latent_shift > 0:
                 latents = random_shift(latents.flatten(0, 2), self.config.latent_shift).view_as(latents)
             return self.policy_net.observation_tokens(proprio, latents=latents, image_keep=image_keep)
         images = images_to_float(require(batch, "images", 6))
-        if augment and self.training and self.config.image_shift > 0:
+        if augment and self.augmenting(self.policy_net) and self.config.image_shift > 0:
             pad = max(1, round(self.config.image_shift * self.spec.image_size / 64))
             images = random_shift(images.flatten(0, 2), pad).view_as(images)
         return self.policy_net.observation_tokens(proprio, images=images, image_keep=image_keep)

@@ -285,7 +285,7 @@ class Pi0Policy(Policy):
     def prefix(self, batch: Mapping[str, Tensor], augment: bool) -> Tensor:
         """Prefix tokens of a batch's raw images (random shift when training) and proprio."""
         images = images_to_float(require(batch, "images", 6))
-        if augment and self.training and self.config.image_shift > 0:
+        if augment and self.augmenting(self.net) and self.config.image_shift > 0:
             pad = max(1, round(self.config.image_shift * self.spec.image_size / 64))
             images = random_shift(images.flatten(0, 2), pad).view_as(images)
         proprio = self.proprio_normalizer.normalize(require(batch, "proprio", 3))

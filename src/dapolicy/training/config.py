@@ -40,6 +40,9 @@ class TrainConfig:
         for a descheduled thread (measured: a small-config policy step 0.65 s with 1 thread, 14 s with 2 on
         a 2-core machine running another training job).
     amp: bfloat16 autocast on CUDA (ignored on CPU).
+    augment: apply the method's random-shift augmentation (`image_shift` / `latent_shift` of its config) while a
+        stage trains. A run stored without this field trained without augmentation (before 2026-11-27 it was
+        never applied, whatever the config said), so such a run resumes without it.
     compile: run the policy's `compute_loss` through `torch.compile` (faster steps on GPUs after a compile of
         a minute or so; results are not bit-identical to eager mode).
     micro_batches: how many contiguous micro-batches the global batch of a step is cut into, over all
@@ -76,6 +79,7 @@ class TrainConfig:
     use_best: bool = False
     threads: int = 0
     amp: bool = False
+    augment: bool = True
     compile: bool = False
     micro_batches: int = 0
     lean_data: bool = False
@@ -131,7 +135,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        values.setdefault("augment", False)  # stored before the field existed: trained without augmentation
+        return cls(**values)
 
     def with_overrides(self, **overrides: Any) -> "TrainConfig":
         """A copy with the non-None overrides applied (None means "keep")."""

@@ -292,6 +292,7 @@ class StageRunner:
         cfg, stage = self.cfg, self.stage
         self.policy.eval()  # frozen parts (e.g. the VAE, the dynamics model) stay in eval mode
         self.module.train()
+        self.policy.augment_in_training = cfg.augment
         use_val = len(self.batches.val_ids) > 0
         val_pieces = self._val_pieces() if use_val else []
         window = _Window()
