@@ -268,7 +268,12 @@ def test_augmentation_is_part_of_a_runs_recipe_only_when_on(smoke, tmp_path):
     assert bm.stale_fields(suite, cell, record) == []
     suite.protocol.augment = True  # and turning it on makes such a cell stale
     assert bm.stale_fields(suite, cell, record) == ["augment", "source.augment"]
+    suite.variants["fm"].augment = False  # a row may differ from its protocol
+    assert "augment" not in bm.variant_recipe(suite, "fm") and bm.variant_recipe(suite, "fm")["source"]["augment"]
     bad = tmp_path / "suite.toml"
     bad.write_text('[protocol]\naugment = "no"\n[tasks.a]\nenv = "pusht"\n[methods.x]\nmethod = "fm"\n')
     with pytest.raises(bm.SuiteError, match="augment must be true or false"):
+        bm.load_suite(bad)
+    bad.write_text('[tasks.a]\nenv = "pusht"\n[methods.x]\nmethod = "fm"\naugment = 1\n')
+    with pytest.raises(bm.SuiteError, match=r"\[methods.x\] augment must be true or false"):
         bm.load_suite(bad)

@@ -68,6 +68,7 @@ class VariantSpec:
     tasks: restrict the variant to these tasks (None = every task); suites: its evaluation suites
         (None = the protocol's).
     mode, flow_steps: generation mode and sampling steps at evaluation (None = the model's defaults).
+    augment: random-shift augmentation while training this row (None = the protocol's `augment`).
     """
 
     name: str
@@ -83,6 +84,7 @@ class VariantSpec:
     mode: str | None = None
     flow_steps: int | None = None
     run_of: str | None = None
+    augment: bool | None = None
 
 
 @dataclass
@@ -154,6 +156,9 @@ def parse_suite(data: dict[str, Any], path: Path) -> Suite:
     protocol = _build(Protocol, data.get("protocol", {}), f"{path}: [protocol]")
     if not isinstance(protocol.augment, bool):
         raise SuiteError(f"{path}: [protocol] augment must be true or false, got {protocol.augment!r}")
+    for name, v in data.get("methods", {}).items():
+        if isinstance(v, dict) and "augment" in v and not isinstance(v["augment"], bool):
+            raise SuiteError(f"{path}: [methods.{name}] augment must be true or false, got {v['augment']!r}")
     tasks = {k: _build(TaskSpec, v, f"{path}: [tasks.{k}]", name=k) for k, v in data.get("tasks", {}).items()}
     variants = {k: _build(VariantSpec, v, f"{path}: [methods.{k}]", name=k) for k, v in data.get("methods", {}).items()}
     if not tasks or not variants:
@@ -265,11 +270,16 @@ TRAINING_FIELDS = ("method", "config", "steps", "set", "init_from", "stage")
 RUN_RECIPE_FILE = "benchmark_recipe.json"
 
 
+def augments(suite: Suite, variant: VariantSpec) -> bool:
+    """Whether a row trains with random-shift augmentation: its own `augment`, else the protocol's."""
+    return variant.augment if variant.augment is not None else suite.protocol.augment
+
+
 def training_recipe(suite: Suite, name: str) -> dict[str, Any]:
     """What a variant's trained run depends on: its training fields and, under "source", its init_from row's."""
     v = suite.variants[name]
     recipe: dict[str, Any] = {f: getattr(v, f) for f in TRAINING_FIELDS}
-    if suite.protocol.augment:  # recorded only when on: every cell recorded before the field trained without it
+    if augments(suite, v):  # recorded only when on: every cell recorded before the field trained without it
         recipe["augment"] = True
     if v.init_from:
         recipe["source"] = training_recipe(suite, v.init_from)
@@ -281,7 +291,7 @@ def variant_recipe(suite: Suite, name: str) -> dict[str, Any]:
     row it starts from (init_from) or evaluates (run_of)."""
     v = suite.variants[name]
     recipe: dict[str, Any] = {f: getattr(v, f) for f in RECIPE_FIELDS}
-    if suite.protocol.augment and not v.run_of:  # as in `training_recipe`
+    if augments(suite, v) and not v.run_of:  # as in `training_recipe`
         recipe["augment"] = True
     source = v.run_of or v.init_from
     if source:
@@ -415,7 +425,7 @@ class Runner:
         self._say(f"training {variant} on {task}, seed {seed} -> {run}" + (" (resuming)" if exists else ""))
         kwargs: dict[str, Any] = dict(method=v.method, config=v.config, steps=v.steps, seed=seed,
                                       overrides=v.set or None, threads=self.threads, progress=self.progress,
-                                      device=self.device, augment=self.suite.protocol.augment)
+                                      device=self.device, augment=augments(self.suite, v))
         if exists:
             train(data, run, resume=True, **{k: kwargs[k] for k in ("threads", "progress", "device")})
         else:
