@@ -93,8 +93,11 @@ def test_cells_from_before_recipes_are_compared_on_the_fields_they_recorded(smok
     suite = bm.load_suite(folder / "suite.toml")
     cell = bm.Cell("fm", "button", 0, "none", "test")
     old = {"base_method": "fm", "config": "tiny", "steps": "2", "set": ["obs_encoder=vae"], "init_from": "dap"}
+    suite.protocol.augment = False  # those cells trained without augmentation: current only where it stays off
     assert bm.stale_fields(suite, cell, old) == []  # a pinned default in `set` is not a change
     assert bm.stale_fields(suite, cell, {**old, "steps": "5", "init_from": None}) == ["steps", "init_from"]
+    suite.protocol.augment = True
+    assert bm.stale_fields(suite, cell, old) == ["augment", "source.augment"]
 
 
 def test_bad_suite_files_are_named(tmp_path):
@@ -277,3 +280,18 @@ def test_augmentation_is_part_of_a_runs_recipe_only_when_on(smoke, tmp_path):
     bad.write_text('[tasks.a]\nenv = "pusht"\n[methods.x]\nmethod = "fm"\naugment = 1\n')
     with pytest.raises(bm.SuiteError, match=r"\[methods.x\] augment must be true or false"):
         bm.load_suite(bad)
+
+
+def test_an_unfinished_run_is_not_resumed_under_another_augmentation(smoke, tmp_path):
+    folder, work = smoke
+    suite = bm.load_suite(folder / "suite.toml")
+    run = tmp_path / "work" / "runs" / "fm" / "button" / "s0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"method": "fm", "train": {"warmup_steps": 5}}))  # no "augment"
+    runner = bm.Runner(suite, tmp_path / "work", threads=1, progress=False)
+    real = runner.ensure_trained
+    source = work / "runs" / "dap" / "button" / "s0"  # fm starts from dap: the finished smoke run
+    runner.ensure_trained = lambda variant, task, seed: source if variant == "dap" else real(variant, task, seed)
+    runner.ensure_data = lambda task: work / "data" / task  # never collects: the check comes before training
+    with pytest.raises(bm.SuiteError, match="started without augmentation, but row 'fm' now trains with it"):
+        runner.ensure_trained("fm", "button", 0)

@@ -309,7 +309,10 @@ def stale_fields(suite: Suite, cell: Cell, record: dict[str, Any]) -> list[str]:
     if "recipe" in record:
         return _differences(record["recipe"], current)
     legacy = {"base_method": current["method"], **{f: current[f] for f in ("config", "steps", "init_from")}}
-    return [name for name, want in legacy.items() if name in record and record[name] != want]
+    fields = [name for name, want in legacy.items() if name in record and record[name] != want]
+    # every cell of that time trained without augmentation
+    return fields + [name for name, recipe in (("augment", current), ("source.augment", current.get("source") or {}))
+                     if recipe.get("augment")]
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -427,6 +430,11 @@ class Runner:
                                       overrides=v.set or None, threads=self.threads, progress=self.progress,
                                       device=self.device, augment=augments(self.suite, v))
         if exists:
+            stored = bool(RunDir(run).read_config().get("train", {}).get("augment", False))
+            if stored != kwargs["augment"]:  # a run from before the row (or protocol) changed its augmentation
+                raise SuiteError(f"{run} was started {'with' if stored else 'without'} augmentation, but row "
+                                 f"{variant!r} now trains {'with' if kwargs['augment'] else 'without'} it: give the "
+                                 f"changed row a new name, or delete that run folder to retrain it")
             train(data, run, resume=True, **{k: kwargs[k] for k in ("threads", "progress", "device")})
         else:
             # from `stage` on: every later stage is retrained too (it learned from the replaced one's output);

@@ -195,6 +195,15 @@ def _train(data_dir: str | Path, out_dir: str | Path, method: str | None, config
         if cfg.amp and dev.type != "cuda" and env.is_main:
             print("[dap train] note: --amp (bfloat16 autocast) applies on CUDA only; training in float32",
                   file=sys.stderr)
+        stored_train = (stored or {}).get("train")
+        if stored_train is not None and env.is_main:
+            before = bool(stored_train.get("augment", False))
+            if augment is not None and augment != before:
+                print(f"[dap train] note: {run.root} trained {'with' if before else 'without'} augmentation so far; "
+                      f"the stages trained now {'use' if augment else 'skip'} it", file=sys.stderr)
+            elif "augment" not in stored_train:
+                print(f"[dap train] note: {run.root} was started before augmentation took effect in training "
+                      f"(2026-11-27) and goes on without it (--augment turns it on)", file=sys.stderr)
         source = Path(init_from).resolve() if init_from is not None else None
         request = TrainRequest(data_dir=data_path, run=run, method=method, config=config, stages=stages, seed=seed,
                                resume=resume, device=dev, stop_after=stop_after, init_from=source)

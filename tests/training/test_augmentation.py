@@ -42,19 +42,29 @@ def test_training_augments_the_images_unless_told_not_to(method, square_store, t
     assert json.loads((run / "config.json").read_text())["train"]["augment"] is False
 
 
-def test_inference_never_augments(square_store, tmp_path, monkeypatch):
+def test_validation_and_inference_never_augment(square_store, tmp_path, monkeypatch):
     import numpy as np
+    import torch
 
     from dapolicy.policies import load_pretrained
 
-    run = train(square_store, tmp_path / "run", method="fm", config="tiny", steps=2, threads=1, progress=False,
-                batch_size=4, device="cpu", overrides=["obs_encoder=resnet"])
     calls = counting_shift(monkeypatch, fm)
+    run = train(square_store, tmp_path / "run", method="fm", config="tiny", steps=3, threads=1, progress=False,
+                batch_size=4, device="cpu", overrides=["obs_encoder=resnet"])
+    assert calls["n"] == 3  # one per training step; the validation loss at the end of the stage adds none
     policy = load_pretrained(run / "model")
-    policy.policy_net.train()  # even a network left in training mode is not augmented at inference
     t_o = policy.n_obs_steps
-    policy.predict_chunk({"images": np.zeros((2, t_o, 1, 32, 32, 3), np.uint8), "proprio": np.zeros((2, t_o, 2))})
+    obs = {"images": np.zeros((2, t_o, 1, 32, 32, 3), np.uint8), "proprio": np.zeros((2, t_o, 2), np.float32)}
+    calls["n"] = 0
+    policy.policy_net.train()  # left in training mode: inference puts it in eval mode first
+    policy.predict_chunk(obs)
     assert calls["n"] == 0
+    batch = {"images": torch.zeros(2, t_o, 1, 32, 32, 3, dtype=torch.uint8), "proprio": torch.zeros(2, t_o, 2)}
+    policy.observation_tokens(batch, augment=True)  # asked to, but the network is not training
+    assert calls["n"] == 0
+    policy.policy_net.train()
+    policy.observation_tokens(batch, augment=True)
+    assert calls["n"] == 1
 
 
 def test_a_run_stored_before_the_switch_resumes_without_augmentation():

@@ -62,8 +62,9 @@ class FMConfig:
     register_tokens: learned tokens appended to the observation tokens, the same for every input (0 = none).
         Why: they give the cross-attention somewhere to put weight that no observation token should get, as
         DAP's null next-observation tokens do. DAP's network trained on the null prediction alone beat FM on
-        peg-insert-side (+10.7 points, 3 seeds); FM with 32 registers did not repeat that (docs/results.md),
-        so they stay off by default. In DAP they come on top of the next-observation (or null) tokens.
+        peg-insert-side (+10.7 points, 3 seeds) and FM with 32 registers did not, but from the same initial
+        weights the two train identically: the gap was the draw of initial weights (docs/results.md). Off by
+        default. In DAP they come on top of the next-observation (or null) tokens.
     image_shift: random-shift augmentation in pixels at 64 px (scaled with the image size) for "resnet";
         latent_shift: the same on cached latents (in latent pixels) for "vae"; 0 = off.
     flow: training-time tau schedule and the number of sampling steps K.
