@@ -179,8 +179,7 @@ def _train(data_dir: str | Path, out_dir: str | Path, method: str | None, config
                                 else TrainConfig.preset(config))
         cfg = _apply_overrides(base, stages or names, names, steps=steps, batch_size=batch_size, lr=lr,
                                threads=threads, logger=logger, progress=progress, use_best=use_best, amp=amp,
-                               augment=augment,
-                               compile=compile, lean_data=lean_data, wandb_project=wandb_project)
+                               augment=augment, compile=compile, lean_data=lean_data, wandb_project=wandb_project)
         if logger is None and cfg.logger != "none":  # a stored run's logger, whose package may have gone since
             try:
                 check_logger(cfg.logger)

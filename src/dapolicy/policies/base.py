@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from dapolicy import __version__
+from dapolicy.nn.encoders import random_shift
 from dapolicy.policies.normalizer import MinMaxNormalizer, check_finite
 from dapolicy.receding import RecedingHorizon, env_frame
 from dapolicy.spec import EnvSpec
@@ -240,6 +241,18 @@ class Policy(nn.Module, ABC):
         """Whether a loss augments the images `module` reads: only while that network trains (the training loop
         keeps the policy itself, and every frozen part, in eval mode) and augmentation is on."""
         return self.augment_in_training and module.training
+
+    def shifted(self, frames: Tensor, module: nn.Module, pad: int) -> Tensor:
+        """Frames [B, T, C, ...] randomly shifted by up to `pad` pixels while `module` trains (`augmenting`);
+        otherwise, or with pad 0, unchanged."""
+        if pad <= 0 or not self.augmenting(module):
+            return frames
+        return random_shift(frames.flatten(0, 2), pad).view_as(frames)
+
+    def image_shift_pad(self) -> int:
+        """The config's `image_shift` (pixels at 64 px) scaled to this policy's image size; 0 = off."""
+        shift = self.config.image_shift
+        return max(1, round(shift * self.spec.image_size / 64)) if shift > 0 else 0
 
     def ensure_eval(self) -> None:
         """Eval mode for inference, cheaply: `eval()` walks every submodule (~1-2 ms for `small`, a few % of a

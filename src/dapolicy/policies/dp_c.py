@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dapolicy.nn.encoders import ResNetGN, ResNetGNConfig, SpatialSoftmax, random_shift
+from dapolicy.nn.encoders import ResNetGN, ResNetGNConfig, SpatialSoftmax
 from dapolicy.nn.unet1d import CrossAttnUNet1D, UNet1DConfig
 from dapolicy.policies.base import (
     Capabilities,
@@ -164,9 +164,8 @@ class DiffusionPolicyBase(Policy):
             raise ValueError(f"batch['proprio'] has shape {tuple(proprio.shape)}, "
                              f"expected [B, {t}, {self.spec.proprio_dim}]")
         x = images_to_float(images)
-        if augment and self.augmenting(self.net) and self.config.image_shift > 0:
-            pad = max(1, round(self.config.image_shift * s / 64))
-            x = random_shift(x.flatten(0, 2), pad).view_as(x)
+        if augment:
+            x = self.shifted(x, self.net, self.image_shift_pad())
         return self.condition(self.net.obs_encoder(x), self.proprio_normalizer.normalize(proprio.float()))
 
     def diffusion_time(self, t: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dapolicy.flow import FlowConfig, flow_loss, sample_tau, training_pair
-from dapolicy.nn.encoders import ResNetGNConfig, random_shift
+from dapolicy.nn.encoders import ResNetGNConfig
 from dapolicy.nn.unet1d import UNet1DConfig
 from dapolicy.nn.vae import VAE, VAEConfig
 from dapolicy.policies.base import (
@@ -247,13 +247,12 @@ class FMPolicy(Policy):
         proprio = self.proprio_normalizer.normalize(require(batch, "proprio", 3))
         if self.config.obs_encoder == "vae":
             latents = require(batch, "latents", 6)
-            if augment and self.augmenting(self.policy_net) and self.config.latent_shift > 0:
-                latents = random_shift(latents.flatten(0, 2), self.config.latent_shift).view_as(latents)
+            if augment:
+                latents = self.shifted(latents, self.policy_net, self.config.latent_shift)
             return self.policy_net.observation_tokens(proprio, latents=latents, image_keep=image_keep)
         images = images_to_float(require(batch, "images", 6))
-        if augment and self.augmenting(self.policy_net) and self.config.image_shift > 0:
-            pad = max(1, round(self.config.image_shift * self.spec.image_size / 64))
-            images = random_shift(images.flatten(0, 2), pad).view_as(images)
+        if augment:
+            images = self.shifted(images, self.policy_net, self.image_shift_pad())
         return self.policy_net.observation_tokens(proprio, images=images, image_keep=image_keep)
 
     # ------------------------------------------------------------------ inference

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from dapolicy.flow import FlowConfig, flow_loss, sample_tau, training_pair
 from dapolicy.nn.attention import KV, sinusoidal_embedding, split_heads
-from dapolicy.nn.encoders import ResNetGN, ResNetGNConfig, random_shift
+from dapolicy.nn.encoders import ResNetGN, ResNetGNConfig
 from dapolicy.policies.base import (
     Capabilities,
     ChunkPrediction,
@@ -285,9 +285,8 @@ class Pi0Policy(Policy):
     def prefix(self, batch: Mapping[str, Tensor], augment: bool) -> Tensor:
         """Prefix tokens of a batch's raw images (random shift when training) and proprio."""
         images = images_to_float(require(batch, "images", 6))
-        if augment and self.augmenting(self.net) and self.config.image_shift > 0:
-            pad = max(1, round(self.config.image_shift * self.spec.image_size / 64))
-            images = random_shift(images.flatten(0, 2), pad).view_as(images)
+        if augment:
+            images = self.shifted(images, self.net, self.image_shift_pad())
         proprio = self.proprio_normalizer.normalize(require(batch, "proprio", 3))
         return self.net.prefix_tokens(images, proprio)
 
