@@ -56,7 +56,7 @@ def measure(run: str, windows: int, seed: int) -> dict:
     sampler = WindowSampler(data.episode_ends, n_obs=dims.n_obs_steps, horizon=dims.horizon,
                             next_obs_offset=dims.next_obs_offset)
     batch = sampler.gather(data.arrays(), choose_windows(len(sampler), windows, seed))
-    obs = policy._encode_observation(policy.validate_obs({"images": batch["images"], "proprio": batch["proprio"]}),
+    obs = policy.encode_observation(policy.validate_obs({"images": batch["images"], "proprio": batch["proprio"]}),
                                      need_latents=False)
     tokens = policy.observation_tokens(obs, augment=False)
     b, n_static = tokens.shape[:2]

@@ -265,7 +265,7 @@ class DAPPolicy(FMPolicy):
         (None = the action-agnostic mode), by integrating the dynamics model alone: what `dap diagnose` uses to
         measure how much the prediction depends on the action."""
         self.eval()
-        batch = self._encode_observation(self.validate_obs(obs), need_latents=True)
+        batch = self.encode_observation(self.validate_obs(obs), need_latents=True)
         b = batch["proprio"].shape[0]
         action = None
         if actions is not None:
@@ -290,7 +290,7 @@ class DAPPolicy(FMPolicy):
         (uint8 [B, C, S, S, 3]; None = the null next observation). `dap diagnose` uses it to measure how much
         the policy relies on the next observation: with the real future, a shuffled one, or none."""
         self.eval()
-        batch = self._encode_observation(self.validate_obs(obs), need_latents=False)
+        batch = self.encode_observation(self.validate_obs(obs), need_latents=False)
         b = batch["proprio"].shape[0]
         z_cond = None
         if next_images is not None:

@@ -31,7 +31,7 @@ from dapolicy.policies.base import (
     preset_field,
     require,
 )
-from dapolicy.policies.policy_net import PolicyNet
+from dapolicy.policies.policy_net import PolicyNet, derived_seed
 from dapolicy.spec import EnvSpec
 
 OBS_ENCODERS: tuple[str, ...] = ("vae", "resnet")
@@ -65,6 +65,13 @@ class FMConfig:
         peg-insert-side (+10.7 points, 3 seeds) and FM with 32 registers did not, but from the same initial
         weights the two train identically: the gap was the draw of initial weights (docs/results.md). Off by
         default. In DAP they come on top of the next-observation (or null) tokens.
+    paired_init: draw the policy network from generators of its own, seeded from the training seed
+        (`torch.initial_seed()` when the policy is built), instead of from wherever the global generator stands
+        after the method built its other parts (DAP builds a VAE first; FM with the ResNet encoder none). Then an
+        `fm` and a `dap` run of one seed start from the same encoders, embeddings and U-Net, and differ only in
+        DAP's next-observation tokens: a paired comparison of the two no longer carries two draws of initial
+        weights, which on peg-insert-side moved one method from 28% to 62%. Off by default, so that a run
+        recorded before it existed trains as it did.
     image_shift: random-shift augmentation in pixels at 64 px (scaled with the image size) for "resnet";
         latent_shift: the same on cached latents (in latent pixels) for "vae"; 0 = off.
     flow: training-time tau schedule and the number of sampling steps K.
@@ -77,6 +84,7 @@ class FMConfig:
     obs_encoder: str = "vae"
     token_dim: int = 128
     register_tokens: int = 0
+    paired_init: bool = False
     image_shift: int = 4
     latent_shift: int = 0
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -148,6 +156,15 @@ FM_CONFIGS = {
 
 
 # ---------------------------------------------------------------------------------------------- policy
+POLICY_INIT_STREAM = 7  # the policy network's stream of the training seed (any fixed salt)
+
+
+def policy_init_seed() -> int:
+    """The seed of a `paired_init` policy network: derived from the seed the global generator was last given
+    (the training seed, `seed_everything`), so it does not depend on what was drawn since."""
+    return derived_seed(torch.initial_seed(), POLICY_INIT_STREAM)
+
+
 class FMPolicy(Policy):
     """The flow policy: VAE (for the "vae" encoder) + PolicyNet; Euler sampling."""
 
@@ -170,7 +187,8 @@ class FMPolicy(Policy):
                                     latent_channels=self.latent_channels, latent_size=self.latent_size,
                                     with_next_obs=self.with_next_obs,
                                     next_obs_reader=getattr(config, "next_obs_reader", "latent"),
-                                    register_tokens=config.register_tokens)
+                                    register_tokens=config.register_tokens,
+                                    init_seed=policy_init_seed() if config.paired_init else None)
 
     @property
     def uses_vae(self) -> bool:
@@ -256,8 +274,9 @@ class FMPolicy(Policy):
         return self.policy_net.observation_tokens(proprio, images=images, image_keep=image_keep)
 
     # ------------------------------------------------------------------ inference
-    def _encode_observation(self, batch: dict[str, Tensor], need_latents: bool) -> dict[str, Tensor]:
-        """Add the current latents to a validated batch when the encoder (or the caller) needs them."""
+    def encode_observation(self, batch: dict[str, Tensor], need_latents: bool) -> dict[str, Tensor]:
+        """Add the current latents to a validated batch when the encoder (or the caller) needs them (public: the
+        attention and diagnosis scripts read the tokens of the same encoded batch that sampling uses)."""
         if need_latents or self.config.obs_encoder == "vae":
             batch["latents"] = self.encode_latents(batch["images"])
         return batch

@@ -6,11 +6,18 @@ input-independent: somewhere for attention to go that is not an observation toke
 observation with its own type embedding (or learned null tokens when there is none), read either as VAE
 latent patches ("latent") or, decoded to images, through the same ResNet-GN as the current images ("image").
 FM builds the same network without the next-observation tokens.
+
+With `init_seed`, the network draws its weights from generators of its own (`drawn_from`): the shared body
+(encoders, embeddings, U-Net) from `init_seed`, DAP's next-observation parts and the registers from streams
+derived from it. Then FM and DAP networks of one seed start from the same body, whatever else their method
+built first (common random numbers for paired comparisons; `FMConfig.paired_init`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -19,16 +26,43 @@ from dapolicy.nn.encoders import LatentPatchTokenizer, ResNetGN, ResNetGNConfig
 from dapolicy.nn.unet1d import CrossAttnUNet1D, UNet1DConfig
 from dapolicy.spec import EnvSpec
 
+# Salts of the streams derived from `init_seed` for the parts only some networks have.
+NEXT_OBS_STREAM, REGISTER_STREAM = 1, 2
+
+
+@contextmanager
+def drawn_from(seed: int | None) -> Iterator[None]:
+    """Parameters created inside are drawn from a CPU generator seeded with `seed`; the global generator is left
+    as it was. `None`: drawn from the global generator as it stands (the default construction order)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def derived_seed(seed: int | None, stream: int) -> int | None:
+    """The seed of sub-stream `stream` of `seed` (None stays None)."""
+    return None if seed is None else (seed * 1_000_003 + stream) % (2**63)
+
 
 class PolicyNet(nn.Module):
     """pi(A | o_t [, o_{t+k}]): tokenisers + U-Net. `with_next_obs` adds the next-observation tokens."""
 
     def __init__(self, spec: EnvSpec, *, obs_encoder: str, token_dim: int, n_obs_steps: int, unet: UNet1DConfig,
                  resnet: ResNetGNConfig, latent_channels: int, latent_size: int, with_next_obs: bool,
-                 next_obs_reader: str = "latent", register_tokens: int = 0) -> None:
+                 next_obs_reader: str = "latent", register_tokens: int = 0, init_seed: int | None = None) -> None:
         super().__init__()
         if register_tokens < 0:
             raise ValueError(f"register_tokens must be >= 0, got {register_tokens}")
+        with drawn_from(init_seed):
+            self._build(spec, obs_encoder, token_dim, n_obs_steps, unet, resnet, latent_channels, latent_size,
+                        with_next_obs, next_obs_reader, register_tokens, init_seed)
+
+    def _build(self, spec: EnvSpec, obs_encoder: str, token_dim: int, n_obs_steps: int, unet: UNet1DConfig,
+               resnet: ResNetGNConfig, latent_channels: int, latent_size: int, with_next_obs: bool,
+               next_obs_reader: str, register_tokens: int, init_seed: int | None) -> None:
         d = token_dim
         n_cams = len(spec.cameras)
         self.obs_encoder = obs_encoder
@@ -44,6 +78,17 @@ class PolicyNet(nn.Module):
         self.with_next_obs = with_next_obs
         self.next_obs_reader = next_obs_reader
         if with_next_obs:
+            self._build_next_obs(spec, obs_encoder, next_obs_reader, latent_channels, latent_size, d,
+                                 derived_seed(init_seed, NEXT_OBS_STREAM))
+        self.unet = CrossAttnUNet1D(unet, spec.action_dim, d)
+        # Created last, and only when asked for, so that a network without them initialises as before.
+        with drawn_from(derived_seed(init_seed, REGISTER_STREAM)):
+            self.registers = nn.Parameter(torch.randn(register_tokens, d) * 0.02) if register_tokens else None
+
+    def _build_next_obs(self, spec: EnvSpec, obs_encoder: str, next_obs_reader: str, latent_channels: int,
+                        latent_size: int, d: int, seed: int | None) -> None:
+        """DAP's next-observation tokeniser and null tokens (from their own stream under `init_seed`)."""
+        with drawn_from(seed):
             if next_obs_reader == "latent":
                 self.next_tokenizer = LatentPatchTokenizer(latent_channels, 2, d, latent_size)
                 per_camera = (latent_size // 2) ** 2
@@ -52,10 +97,7 @@ class PolicyNet(nn.Module):
             else:
                 raise ValueError(f"next_obs_reader {next_obs_reader!r} needs obs_encoder 'resnet' (readers: latent, "
                                  f"image), got obs_encoder {obs_encoder!r}")
-            self.null_next = nn.Parameter(torch.randn(n_cams * per_camera, d) * 0.02)
-        self.unet = CrossAttnUNet1D(unet, spec.action_dim, d)
-        # Created last, and only when asked for, so that a network without them initialises as before.
-        self.registers = nn.Parameter(torch.randn(register_tokens, d) * 0.02) if register_tokens else None
+            self.null_next = nn.Parameter(torch.randn(len(spec.cameras) * per_camera, d) * 0.02)
 
     def observation_tokens(self, proprio: Tensor, latents: Tensor | None = None,
                            images: Tensor | None = None, image_keep: Tensor | None = None) -> Tensor:
