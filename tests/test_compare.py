@@ -53,6 +53,11 @@ def test_compare_pairs_the_rows_cells_episode_by_episode(smoke, tmp_path, capsys
     assert "| button | none |" in capsys.readouterr().out and json.loads(out.read_text())["a"] == "dap"
     assert cli_main(["benchmark", str(folder / "suite.toml"), "--compare", "dap"]) == 2
     assert "two rows" in capsys.readouterr().err
+    # --seeds limits the comparison to those training seeds (the smoke suite has seed 0 only)
+    assert compare(suite, "dap", "fm", work=work, seeds=[0])["seeds"] == [0]
+    assert cli_main(["benchmark", str(folder / "suite.toml"), "--compare", "dap,fm", "--work", str(work),
+                     "--seeds", "1"]) == 2
+    assert "no finished cells in common" in capsys.readouterr().err
 
 
 def test_cells_without_episode_records_use_the_run_folder_only_when_it_matches(smoke, tmp_path):

@@ -710,7 +710,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether each is done")
     p.add_argument("--compare", default=None, metavar="A,B",
                    help="paired comparison of two rows on their finished cells (same seeds and episodes): the "
-                        "difference with a bootstrap interval over seeds and episodes, and McNemar's test")
+                        "difference with a bootstrap interval over seeds and episodes, and McNemar's test "
+                        "(--tasks and --seeds limit it)")
     p.add_argument("--metric", choices=("success", "score"), default="success",
                    help="with --compare: compare the episodes' successes (McNemar's test) or their task scores "
                         "(PushT's coverage score, where every success rate is 0 at a short budget; sign test)")
@@ -772,7 +773,8 @@ def _run_compare(args: argparse.Namespace, suite: Suite, work: Path) -> int:
     names = _csv_list(args.compare) or []
     if len(names) != 2:
         raise SuiteError(f"--compare takes two rows, A,B; got {args.compare!r}")
-    report = compare(suite, names[0], names[1], args.split, _csv_list(args.tasks), work, args.metric)
+    report = compare(suite, names[0], names[1], args.split, _csv_list(args.tasks), work, args.metric,
+                     _csv_list(args.seeds, int))
     print(markdown(report))
     if args.out:
         write_json_atomic(args.out, report)

@@ -114,15 +114,15 @@ def episode_outcomes(suite: Suite, cell: Cell, work: Path | None, metric: str = 
 
 
 def compare(suite: Suite, a: str, b: str, split: str = "test", tasks: list[str] | None = None,
-            work: Path | None = None, metric: str = "success") -> dict[str, Any]:
+            work: Path | None = None, metric: str = "success", seeds: list[int] | None = None) -> dict[str, Any]:
     """Paired comparison of rows `a` and `b` per task and suite (the cells both have, same seeds), on the
-    episodes' successes or scores (`metric`)."""
+    episodes' successes or scores (`metric`); `seeds` limits it to those training seeds (None: all)."""
     _require_metric(metric)
     for name in (a, b):
         if name not in suite.variants:
             raise SuiteError(f"suite {suite.name!r} has no row {name!r} (rows: {', '.join(suite.variants)})")
-    cells_a = {(c.task, c.seed, c.suite): c for c in plan_cells(suite, split, [a], tasks)}
-    cells_b = {(c.task, c.seed, c.suite): c for c in plan_cells(suite, split, [b], tasks)}
+    cells_a = {(c.task, c.seed, c.suite): c for c in plan_cells(suite, split, [a], tasks, seeds)}
+    cells_b = {(c.task, c.seed, c.suite): c for c in plan_cells(suite, split, [b], tasks, seeds)}
     shared = sorted(k for k in set(cells_a) & set(cells_b)
                     if cell_path(suite, cells_a[k]).is_file() and cell_path(suite, cells_b[k]).is_file())
     if not shared:
@@ -145,8 +145,8 @@ def compare(suite: Suite, a: str, b: str, split: str = "test", tasks: list[str] 
     order = {k: i for i, k in enumerate(suite.protocol.suites)}
     results = [{"task": task, "suite": kind, **paired_difference(pairs)}
                for (task, kind), pairs in sorted(rows.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99)))]
-    return {"suite": suite.name, "split": split, "metric": metric, "a": a, "b": b, "results": results,
-            "skipped": skipped}
+    return {"suite": suite.name, "split": split, "metric": metric, "a": a, "b": b,
+            "seeds": sorted({seed for _, seed, _ in shared}), "results": results, "skipped": skipped}
 
 
 def markdown(report: dict[str, Any]) -> str:
