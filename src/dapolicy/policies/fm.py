@@ -55,8 +55,8 @@ class FMConfig:
     n_obs_steps: T_o, observation frames given to the policy.
     horizon: H, actions per predicted chunk. n_action_steps: T_a, actions executed before re-planning.
     obs_encoder: how the policy tokenises current images: "vae" (frozen VAE latent patches, cheap) or
-        "resnet" (a ResNet-GroupNorm per camera, trained end to end). The `small` size uses "resnet": on
-        validation seeds it lifted push-v3 from 5/50 to 46/50 (DAP) and 7/50 to 49/50 (FM), and the
+        "resnet" (a ResNet-GroupNorm per camera, trained end to end). The `small` size uses "resnet": it
+        lifted push-v3 from 5/50 to 46/50 (DAP) and 7/50 to 49/50 (FM) on validation episodes, and DAP on the
         quickstart task from 13/30 to 27/30 test episodes (docs/results.md).
     token_dim: width of all observation tokens the policy cross-attends to.
     register_tokens: learned tokens appended to the observation tokens, the same for every input (0 = none).
