@@ -56,48 +56,36 @@ class PolicyNet(nn.Module):
         super().__init__()
         if register_tokens < 0:
             raise ValueError(f"register_tokens must be >= 0, got {register_tokens}")
-        with drawn_from(init_seed):
-            self._build(spec, obs_encoder, token_dim, n_obs_steps, unet, resnet, latent_channels, latent_size,
-                        with_next_obs, next_obs_reader, register_tokens, init_seed)
-
-    def _build(self, spec: EnvSpec, obs_encoder: str, token_dim: int, n_obs_steps: int, unet: UNet1DConfig,
-               resnet: ResNetGNConfig, latent_channels: int, latent_size: int, with_next_obs: bool,
-               next_obs_reader: str, register_tokens: int, init_seed: int | None) -> None:
         d = token_dim
         n_cams = len(spec.cameras)
         self.obs_encoder = obs_encoder
-        if obs_encoder == "vae":
-            self.obs_tokenizer = LatentPatchTokenizer(latent_channels, 2, d, latent_size)
-        else:
-            self.image_encoders = nn.ModuleList(
-                ResNetGN(replace(resnet, out_dim=d, image_size=spec.image_size)) for _ in range(n_cams))
-        self.proprio_embed = nn.Sequential(nn.Linear(spec.proprio_dim, d), nn.Mish(), nn.Linear(d, d))
-        self.camera_embed = nn.Parameter(torch.randn(n_cams, d) * 0.02)
-        self.frame_embed = nn.Parameter(torch.randn(n_obs_steps, d) * 0.02)
-        self.type_embed = nn.Parameter(torch.randn(3, d) * 0.02)  # 0 current image, 1 proprio, 2 next
         self.with_next_obs = with_next_obs
         self.next_obs_reader = next_obs_reader
-        if with_next_obs:
-            self._build_next_obs(spec, obs_encoder, next_obs_reader, latent_channels, latent_size, d,
-                                 derived_seed(init_seed, NEXT_OBS_STREAM))
-        self.unet = CrossAttnUNet1D(unet, spec.action_dim, d)
-        # Created last, and only when asked for, so that a network without them initialises as before.
-        with drawn_from(derived_seed(init_seed, REGISTER_STREAM)):
-            self.registers = nn.Parameter(torch.randn(register_tokens, d) * 0.02) if register_tokens else None
-
-    def _build_next_obs(self, spec: EnvSpec, obs_encoder: str, next_obs_reader: str, latent_channels: int,
-                        latent_size: int, d: int, seed: int | None) -> None:
-        """DAP's next-observation tokeniser and null tokens (from their own stream under `init_seed`)."""
-        with drawn_from(seed):
-            if next_obs_reader == "latent":
-                self.next_tokenizer = LatentPatchTokenizer(latent_channels, 2, d, latent_size)
-                per_camera = (latent_size // 2) ** 2
-            elif next_obs_reader == "image" and obs_encoder == "resnet":
-                per_camera = self.image_encoders[0].num_tokens(spec.image_size)
+        with drawn_from(init_seed):  # the body; the optional parts below come from streams of their own
+            if obs_encoder == "vae":
+                self.obs_tokenizer = LatentPatchTokenizer(latent_channels, 2, d, latent_size)
             else:
-                raise ValueError(f"next_obs_reader {next_obs_reader!r} needs obs_encoder 'resnet' (readers: latent, "
-                                 f"image), got obs_encoder {obs_encoder!r}")
-            self.null_next = nn.Parameter(torch.randn(len(spec.cameras) * per_camera, d) * 0.02)
+                self.image_encoders = nn.ModuleList(
+                    ResNetGN(replace(resnet, out_dim=d, image_size=spec.image_size)) for _ in range(n_cams))
+            self.proprio_embed = nn.Sequential(nn.Linear(spec.proprio_dim, d), nn.Mish(), nn.Linear(d, d))
+            self.camera_embed = nn.Parameter(torch.randn(n_cams, d) * 0.02)
+            self.frame_embed = nn.Parameter(torch.randn(n_obs_steps, d) * 0.02)
+            self.type_embed = nn.Parameter(torch.randn(3, d) * 0.02)  # 0 current image, 1 proprio, 2 next
+            if with_next_obs:
+                with drawn_from(derived_seed(init_seed, NEXT_OBS_STREAM)):
+                    if next_obs_reader == "latent":
+                        self.next_tokenizer = LatentPatchTokenizer(latent_channels, 2, d, latent_size)
+                        per_camera = (latent_size // 2) ** 2
+                    elif next_obs_reader == "image" and obs_encoder == "resnet":
+                        per_camera = self.image_encoders[0].num_tokens(spec.image_size)
+                    else:
+                        raise ValueError(f"next_obs_reader {next_obs_reader!r} needs obs_encoder 'resnet' (readers: "
+                                         f"latent, image), got obs_encoder {obs_encoder!r}")
+                    self.null_next = nn.Parameter(torch.randn(n_cams * per_camera, d) * 0.02)
+            self.unet = CrossAttnUNet1D(unet, spec.action_dim, d)
+            # Created last, and only when asked for, so that a network without them initialises as before.
+            with drawn_from(derived_seed(init_seed, REGISTER_STREAM)):
+                self.registers = nn.Parameter(torch.randn(register_tokens, d) * 0.02) if register_tokens else None
 
     def observation_tokens(self, proprio: Tensor, latents: Tensor | None = None,
                            images: Tensor | None = None, image_keep: Tensor | None = None) -> Tensor:
