@@ -58,6 +58,9 @@ def test_compare_pairs_the_rows_cells_episode_by_episode(smoke, tmp_path, capsys
     assert cli_main(["benchmark", str(folder / "suite.toml"), "--compare", "dap,fm", "--work", str(work),
                      "--seeds", "1"]) == 2
     assert "no finished cells in common" in capsys.readouterr().err
+    assert cli_main(["benchmark", str(folder / "suite.toml"), "--compare", "dap,fm", "--work", str(work),
+                     "--seeds", "0,x"]) == 2
+    assert "--seeds takes a comma list" in capsys.readouterr().err
 
 
 def test_cells_without_episode_records_use_the_run_folder_only_when_it_matches(smoke, tmp_path):

@@ -731,13 +731,21 @@ def _csv_list(text: str | None, cast: Callable[[str], Any] = str) -> list[Any] |
     return [cast(x.strip()) for x in text.split(",") if x.strip()] if text else None
 
 
+def _seed_list(text: str | None) -> list[int] | None:
+    """`--seeds`: a comma list of integers, with an error that names the flag."""
+    try:
+        return _csv_list(text, int)
+    except ValueError:
+        raise SuiteError(f"--seeds takes a comma list of integer training seeds, e.g. 0,1,2; got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     if args.report:
         for path in write_reports(suite).values():
             print(f"wrote {path}")
         return 0
-    cells = plan_cells(suite, args.split, _csv_list(args.only), _csv_list(args.tasks), _csv_list(args.seeds, int),
+    cells = plan_cells(suite, args.split, _csv_list(args.only), _csv_list(args.tasks), _seed_list(args.seeds),
                        _csv_list(args.suites))
     work = Path(args.work) if args.work else Path("runs") / "benchmarks" / suite.name
     if args.compare:
@@ -753,7 +761,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.train_only:
             for variant, task, seed in plan_trainings(suite, _csv_list(args.only), _csv_list(args.tasks),
-                                                      _csv_list(args.seeds, int)):
+                                                      _seed_list(args.seeds)):
                 print(f"trained: {runner.ensure_trained(variant, task, seed)}")
             return 0
         runner.run(cells)
@@ -774,7 +782,7 @@ def _run_compare(args: argparse.Namespace, suite: Suite, work: Path) -> int:
     if len(names) != 2:
         raise SuiteError(f"--compare takes two rows, A,B; got {args.compare!r}")
     report = compare(suite, names[0], names[1], args.split, _csv_list(args.tasks), work, args.metric,
-                     _csv_list(args.seeds, int))
+                     _seed_list(args.seeds))
     print(markdown(report))
     if args.out:
         write_json_atomic(args.out, report)
