@@ -380,6 +380,24 @@ def test_cli_sampler_options_reach_the_served_policy(run_dir, monkeypatch, capsy
     assert "parallel" in capsys.readouterr().err
 
 
+def test_cli_matmul_precision_is_set_for_the_served_model(run_dir, monkeypatch, capsys):
+    """`dap serve --matmul-precision high` (TF32 on a GPU) sets torch's precision before the model serves; a
+    value torch does not know is a usage error."""
+    import torch
+
+    monkeypatch.setattr(serve, "_default_env_factory", lambda: square_factory)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        code = cli.main(["serve", str(run_dir / "model"), "--check", "--episodes", "1",
+                         "--matmul-precision", "medium"])
+        assert code == 0 and torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    capsys.readouterr()
+    assert cli.main(["serve", str(run_dir / "model"), "--matmul-precision", "tf32"]) != 0
+    assert "--matmul-precision" in capsys.readouterr().err
+
+
 def test_check_refuses_an_env_that_cannot_feed_the_model(run_dir):
     class WideEnv(SquareEnv):
         spec = EnvSpec(name="wide", cameras=("top",), image_size=32, action_dim=3, proprio_dim=2, max_steps=5)

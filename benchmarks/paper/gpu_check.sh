@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks, in one short run (~5 min on one H100): the fast sampler's CUDA tests (equivalence to the
-# reference with side streams, traces and CUDA graphs), per-chunk latency of every method at the paper size
-# (target: Jacobi DAP under 50 ms at K = 10, batch 1), DAP and FM without CUDA graphs (before/after), the
-# small config, and training throughput at the paper size.
+# The GPU checks, in one short run (~3 min of steps on one H100 or H200): the fast sampler's CUDA tests
+# (equivalence to the reference with side streams, traces and CUDA graphs), per-chunk latency of every method at
+# the paper size (target: Jacobi DAP under 50 ms at K = 10, batch 1), DAP and FM with TF32 matmuls and without
+# CUDA graphs (before/after), the small config, and training throughput at the paper size.
 #
 #   bash benchmarks/paper/gpu_check.sh OUT_DIR        (from the repository root; PYTHON=... to pick python)
 #
@@ -30,6 +30,9 @@ step cuda_tests 120 $py -m pytest -q -p no:cacheprovider tests/policies/test_fas
 # every method, the default sampler (DAP and FM replay CUDA graphs from their second call)
 step latency_paper 210 $bench latency --config paper --device cuda --steps 1,10 --batch 1,8 --reps 15 \
     --out "$out/latency_paper.json"
+# TF32 matmuls with graphs (an opt-in setting: not bit-equal to fp32, so never the default)
+step latency_paper_tf32 60 $bench latency --config paper --device cuda --steps 10 --batch 1,8 --methods dap,fm \
+    --matmul-precision high --out "$out/latency_paper_tf32.json"
 # before/after: DAP and FM without CUDA graphs (eager kernel launches)
 step latency_paper_eager 60 $bench latency --config paper --device cuda --steps 10 --batch 1,8 --methods dap,fm \
     --sampler cuda_graph=off --out "$out/latency_paper_eager.json"

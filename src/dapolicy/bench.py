@@ -105,7 +105,8 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def _random_obs(policy: Any, batch: int, seed: int) -> dict[str, np.ndarray]:
+def random_obs(policy: Any, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """A seeded batch of observations (uint8 frames, Gaussian proprio) in `policy`'s shapes, for timing."""
     rng = np.random.default_rng(seed)
     spec, t = policy.spec, policy.n_obs_steps
     return {"images": rng.integers(0, 256, (batch, t, len(spec.cameras), spec.image_size, spec.image_size, 3),
@@ -130,7 +131,7 @@ def latency_cases(policies: dict[str, Any], batches: list[int], steps: list[int]
     for t in threads or [torch.get_num_threads()]:
         for b in batches:
             for name, policy in policies.items():
-                obs = _random_obs(policy, b, seed=b)
+                obs = random_obs(policy, b, seed=b)
                 for mode in policy.capabilities.modes or (None,):
                     if mode == "ddpm":  # ancestral sampling runs all T steps, not a K of the sweep
                         k = int(getattr(getattr(policy.config, "diffusion", None), "train_steps", 100))
@@ -356,7 +357,7 @@ def bench_modes(policy: Any, reps: int = 30, steps: int | None = None,
     modes = modes if modes is not None else policy.capabilities.modes
     if not modes:
         raise ValueError(f"method {policy.method!r} has no coupling modes to compare")
-    obs = _random_obs(policy, 1, seed)
+    obs = random_obs(policy, 1, seed)
     cases = [Case({"mode": m}, (lambda m=m: policy.predict_chunk(obs, mode=m, steps=steps))) for m in modes]
     times = dict(zip(modes, time_interleaved(cases, reps, warmup=3, seed=seed)))
     base = float(np.median(times["off"])) if "off" in times else None
@@ -408,7 +409,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="latency / train (random weights, every method), modes RUN (a trained model's coupling "
                         "modes); a bare RUN means modes RUN")
     p.add_argument("run", nargs="?", default=None, help="for modes: run folder (with model/) or model folder")
-    from dapolicy.cli_options import add_device, add_out, add_sampler, positive_int
+    from dapolicy.cli_options import add_device, add_matmul_precision, add_out, add_sampler, positive_int
 
     p.add_argument("--config", default="small", choices=SIZES, help="named size for latency/train (default small)")
     add_device(p, "the models run")
@@ -432,9 +433,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "(default 0: back to back)")
     p.add_argument("--flow-steps", type=positive_int, default=None, help="modes: K (default: the model's)")
     add_sampler(p)
-    p.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
-                   help="torch.set_float32_matmul_precision for the run: high = TF32 on NVIDIA GPUs "
-                        "(default: torch's, highest); recorded in the JSON")
+    add_matmul_precision(p)  # recorded in the JSON
     add_out(p, "also write every figure to this JSON file (--json: the older spelling)", "--json", dest="json")
 
 
@@ -448,11 +447,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--idle-ms must be >= 0, got {args.idle_ms}")
     if args.threads:
         torch.set_num_threads(args.threads[0])
-    from dapolicy.cli_options import apply_sampler
+    from dapolicy.cli_options import apply_matmul_precision, apply_sampler
 
     apply_sampler(args.sampler)
-    if args.matmul_precision:
-        torch.set_float32_matmul_precision(args.matmul_precision)
+    apply_matmul_precision(args.matmul_precision)
     if args.what not in SUBMODES:  # `dap bench RUN`: the original behaviour
         if args.run is not None:
             raise ValueError(f"unknown bench mode {args.what!r} (latency, train, modes RUN, or a bare RUN)")

@@ -602,6 +602,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"largest batch an 'infer' request may carry (default {DEFAULT_MAX_BATCH})")
     opt.add_threads(parser, opt.EVAL_THREADS, opt.EVAL_THREADS_HELP)
     opt.add_sampler(parser)
+    opt.add_matmul_precision(parser)
     parser.add_argument("--verbose", action="store_true", help="log every connection")
     check_group = parser.add_argument_group("end-to-end check (no robot needed)")
     check_group.add_argument("--check", nargs="?", const="", default=None, metavar="ENV",
@@ -625,10 +626,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:  # a failed handshake (a port scanner, a browser) is not worth a traceback
         logging.getLogger("dapolicy.serve.ws").addFilter(
             lambda record: not str(record.msg).startswith("opening handshake failed"))
-    from dapolicy.cli_options import apply_sampler
+    from dapolicy.cli_options import apply_matmul_precision, apply_sampler
     from dapolicy.runtime import torch_threads
 
     apply_sampler(args.sampler)
+    apply_matmul_precision(args.matmul_precision)
     with torch_threads(args.threads):
         return _run(args)
 
