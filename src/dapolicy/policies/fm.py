@@ -31,7 +31,7 @@ from dapolicy.policies.base import (
     preset_field,
     require,
 )
-from dapolicy.policies.policy_net import PolicyNet, derived_seed
+from dapolicy.policies.policy_net import PolicyNet, policy_init_seed
 from dapolicy.spec import EnvSpec
 
 OBS_ENCODERS: tuple[str, ...] = ("vae", "resnet")
@@ -156,15 +156,6 @@ FM_CONFIGS = {
 
 
 # ---------------------------------------------------------------------------------------------- policy
-POLICY_INIT_STREAM = 7  # the policy network's stream of the training seed (any fixed salt)
-
-
-def policy_init_seed() -> int:
-    """The seed of a `paired_init` policy network: derived from the seed the global generator was last given
-    (the training seed, `seed_everything`), so it does not depend on what was drawn since."""
-    return derived_seed(torch.initial_seed(), POLICY_INIT_STREAM)
-
-
 class FMPolicy(Policy):
     """The flow policy: VAE (for the "vae" encoder) + PolicyNet; Euler sampling."""
 

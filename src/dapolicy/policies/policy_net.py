@@ -28,6 +28,8 @@ from dapolicy.spec import EnvSpec
 
 # Salts of the streams derived from `init_seed` for the parts only some networks have.
 NEXT_OBS_STREAM, REGISTER_STREAM = 1, 2
+# Salt of the policy network's own stream of the training seed (`policy_init_seed`).
+POLICY_INIT_STREAM = 7
 
 
 @contextmanager
@@ -45,6 +47,12 @@ def drawn_from(seed: int | None) -> Iterator[None]:
 def derived_seed(seed: int | None, stream: int) -> int | None:
     """The seed of sub-stream `stream` of `seed` (None stays None)."""
     return None if seed is None else (seed * 1_000_003 + stream) % (2**63)
+
+
+def policy_init_seed() -> int:
+    """The seed of a `paired_init` policy network: derived from the seed the global generator was last given
+    (the training seed, `seed_everything`), so it does not depend on what was drawn since."""
+    return derived_seed(torch.initial_seed(), POLICY_INIT_STREAM)
 
 
 class PolicyNet(nn.Module):
