@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, in one short run (~3 min of steps on one H100 or H200): the fast sampler's CUDA tests
 # (equivalence to the reference with side streams, traces and CUDA graphs), per-chunk latency of every method at
-# the paper size (target: Jacobi DAP under 50 ms at K = 10, batch 1), DAP and FM with TF32 matmuls and without
-# CUDA graphs (before/after), the small config, and training throughput at the paper size.
+# the paper size (target: Jacobi DAP under 50 ms at K = 10, batch 1), DAP and FM with TF32 matmuls (speed, and
+# how far the actions move) and without CUDA graphs (before/after), the small config, and training throughput at
+# the paper size.
 #
 #   bash benchmarks/paper/gpu_check.sh OUT_DIR        (from the repository root; PYTHON=... to pick python)
 #
@@ -33,6 +34,8 @@ step latency_paper 210 $bench latency --config paper --device cuda --steps 1,10 
 # TF32 matmuls with graphs (an opt-in setting: not bit-equal to fp32, so never the default)
 step latency_paper_tf32 60 $bench latency --config paper --device cuda --steps 10 --batch 1,8 --methods dap,fm \
     --matmul-precision high --out "$out/latency_paper_tf32.json"
+# what TF32 does to the sampled actions (same observation and noise, fp32 against TF32)
+step tf32_actions 60 $py benchmarks/paper/tf32_actions.py --config paper --device cuda --out "$out/tf32_actions.json"
 # before/after: DAP and FM without CUDA graphs (eager kernel launches)
 step latency_paper_eager 60 $bench latency --config paper --device cuda --steps 10 --batch 1,8 --methods dap,fm \
     --sampler cuda_graph=off --out "$out/latency_paper_eager.json"
