@@ -745,11 +745,11 @@ def run(args: argparse.Namespace) -> int:
         for path in write_reports(suite).values():
             print(f"wrote {path}")
         return 0
-    cells = plan_cells(suite, args.split, _csv_list(args.only), _csv_list(args.tasks), _seed_list(args.seeds),
-                       _csv_list(args.suites))
+    only, tasks, seeds = _csv_list(args.only), _csv_list(args.tasks), _seed_list(args.seeds)
+    cells = plan_cells(suite, args.split, only, tasks, seeds, _csv_list(args.suites))
     work = Path(args.work) if args.work else Path("runs") / "benchmarks" / suite.name
     if args.compare:
-        return _run_compare(args, suite, work)
+        return _run_compare(args, suite, work, tasks, seeds)
     if args.dry_run:
         stale = stale_cells(suite, cells, work)
         for c in cells:
@@ -760,8 +760,7 @@ def run(args: argparse.Namespace) -> int:
                     workers=args.workers, eval_device=args.eval_device)
     try:
         if args.train_only:
-            for variant, task, seed in plan_trainings(suite, _csv_list(args.only), _csv_list(args.tasks),
-                                                      _seed_list(args.seeds)):
+            for variant, task, seed in plan_trainings(suite, only, tasks, seeds):
                 print(f"trained: {runner.ensure_trained(variant, task, seed)}")
             return 0
         runner.run(cells)
@@ -775,14 +774,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_compare(args: argparse.Namespace, suite: Suite, work: Path) -> int:
+def _run_compare(args: argparse.Namespace, suite: Suite, work: Path, tasks: list[str] | None,
+                 seeds: list[int] | None) -> int:
     from dapolicy.compare import compare, markdown
 
     names = _csv_list(args.compare) or []
     if len(names) != 2:
         raise SuiteError(f"--compare takes two rows, A,B; got {args.compare!r}")
-    report = compare(suite, names[0], names[1], args.split, _csv_list(args.tasks), work, args.metric,
-                     _seed_list(args.seeds))
+    report = compare(suite, names[0], names[1], args.split, tasks, work, args.metric, seeds)
     print(markdown(report))
     if args.out:
         write_json_atomic(args.out, report)
