@@ -255,6 +255,20 @@ def test_a_task_may_set_its_own_training_seeds_and_a_row_its_own_over_them(tmp_p
         bm.load_suite(path)
 
 
+def test_a_row_limited_to_the_validation_split_has_no_test_cells(tmp_path, capsys):
+    path = tmp_path / "suite.toml"
+    path.write_text('[tasks.a]\nenv = "pusht"\n[methods.x]\nmethod = "fm"\nsuites = ["none"]\n'
+                    '[methods.candidate]\nmethod = "fm"\nsuites = ["none"]\nsplits = ["validation"]\n')
+    suite = bm.load_suite(path)
+    assert {c.variant for c in bm.plan_cells(suite, "test")} == {"x"}
+    assert {c.variant for c in bm.plan_cells(suite, "validation")} == {"x", "candidate"}
+    assert cli_main(["benchmark", str(path), "--only", "candidate", "--dry-run"]) == 1
+    assert "no cell of suite" in capsys.readouterr().err
+    path.write_text('[tasks.a]\nenv = "pusht"\n[methods.x]\nmethod = "fm"\nsplits = ["val"]\n')
+    with pytest.raises(bm.SuiteError, match=r"\[methods.x\] splits"):
+        bm.load_suite(path)
+
+
 def test_augmentation_is_part_of_a_runs_recipe_only_when_on(smoke, tmp_path):
     folder, work = smoke
     suite = bm.load_suite(folder / "suite.toml")

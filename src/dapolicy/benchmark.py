@@ -69,6 +69,8 @@ class VariantSpec:
         (None = the protocol's).
     mode, flow_steps: generation mode and sampling steps at evaluation (None = the model's defaults).
     augment: random-shift augmentation while training this row (None = the protocol's `augment`).
+    splits: the splits this row has cells in (None = test and validation). ["validation"] for a candidate
+        setting rejected on validation episodes: a full test run then never trains it.
     """
 
     name: str
@@ -85,6 +87,7 @@ class VariantSpec:
     flow_steps: int | None = None
     run_of: str | None = None
     augment: bool | None = None
+    splits: list[str] | None = None
 
 
 @dataclass
@@ -180,6 +183,9 @@ def parse_suite(data: dict[str, Any], path: Path) -> Suite:
         if v.run_of is not None and (v.init_from or v.steps or v.set or v.method != variants[v.run_of].method):
             raise SuiteError(f"{path}: [methods.{v.name}] run_of evaluates {v.run_of!r}'s run: give it the same "
                              f"method and no steps, set or init_from")
+        if v.splits is not None and (not v.splits or not set(v.splits) <= set(SPLITS)):
+            raise SuiteError(f"{path}: [methods.{v.name}] splits must be a non-empty subset of {list(SPLITS)}, "
+                             f"got {v.splits!r}")
         for t in v.tasks or []:
             if t not in tasks:
                 raise SuiteError(f"{path}: [methods.{v.name}] task {t!r} is not a task of this suite")
@@ -228,7 +234,7 @@ def plan_cells(suite: Suite, split: str, only: list[str] | None = None, tasks: l
     """Every cell of the suite (filtered), grouped by (variant, task, seed) so each model trains once."""
     cells = []
     for v in suite.variants.values():
-        if only and v.name not in only:
+        if (only and v.name not in only) or (v.splits is not None and split not in v.splits):
             continue
         for task in v.tasks if v.tasks is not None else list(suite.tasks):
             if tasks and task not in tasks:
@@ -750,6 +756,10 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else Path("runs") / "benchmarks" / suite.name
     if args.compare:
         return _run_compare(args, suite, work, tasks, seeds)
+    if not cells and not args.train_only:
+        print(f"dap benchmark: no cell of suite {suite.name!r} on the {args.split} split matches this selection "
+              f"(the rows' tasks, seeds, suites and splits in {suite.path} limit it)", file=sys.stderr)
+        return 1
     if args.dry_run:
         stale = stale_cells(suite, cells, work)
         for c in cells:
