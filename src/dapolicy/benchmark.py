@@ -112,6 +112,8 @@ class Suite:
     tasks: dict[str, TaskSpec]
     variants: dict[str, VariantSpec]
     description: str = ""
+    # `[headline]`: row -> label of the rows that stand for the methods in `summary.md` / `fig_summary.png`
+    headline: dict[str, str] = field(default_factory=dict)
 
     @property
     def results_dir(self) -> Path:
@@ -153,7 +155,7 @@ def _build(cls: type, data: Any, where: str, **extra: Any) -> Any:
 def parse_suite(data: dict[str, Any], path: Path) -> Suite:
     from dapolicy.policies.registry import SIZES, method_names
 
-    unknown = sorted(set(data) - {"name", "description", "protocol", "tasks", "methods"})
+    unknown = sorted(set(data) - {"name", "description", "protocol", "tasks", "methods", "headline"})
     if unknown:
         raise SuiteError(f"{path}: unknown top-level field(s) {unknown}")
     protocol = _build(Protocol, data.get("protocol", {}), f"{path}: [protocol]")
@@ -190,8 +192,14 @@ def parse_suite(data: dict[str, Any], path: Path) -> Suite:
             if t not in tasks:
                 raise SuiteError(f"{path}: [methods.{v.name}] task {t!r} is not a task of this suite")
         _check_config_fields(v, path)
+    headline = data.get("headline", {})
+    if not isinstance(headline, dict) or not all(isinstance(v, str) and v for v in headline.values()):
+        raise SuiteError(f"{path}: [headline] must map rows to labels, e.g. dap = \"DAP\"; got {headline!r}")
+    for row in headline:
+        if row not in variants:
+            raise SuiteError(f"{path}: [headline] row {row!r} is not a method of this suite")
     return Suite(str(data.get("name", path.parent.name)), path, protocol, tasks, variants,
-                 str(data.get("description", "")))
+                 str(data.get("description", "")), dict(headline))
 
 
 def _check_config_fields(v: VariantSpec, path: Path) -> None:
@@ -538,7 +546,10 @@ def read_cells(suite: Suite, split: str) -> list[dict[str, Any]]:
 
 
 def write_reports(suite: Suite) -> dict[str, Path]:
-    """results.csv (+ results_validation.csv), results.md and charts from the committed cells."""
+    """results.csv (+ results_validation.csv), results.md and charts from the committed cells; with a
+    `[headline]`, also summary.md and fig_summary.png (`benchmark_summary`)."""
+    from dapolicy.benchmark_summary import headline_markdown, plot_headline
+
     written: dict[str, Path] = {}
     for split in SPLITS:
         cells = read_cells(suite, split)
@@ -558,6 +569,13 @@ def write_reports(suite: Suite) -> dict[str, Path]:
         written[stem + ".md"] = md
         for path in plot_bars(cells, suite, split):
             written[path.name] = path
+        if suite.headline and any(c["method"] in suite.headline for c in cells):
+            summary = suite.results_dir / ("summary.md" if split == "test" else "summary_validation.md")
+            _write_text(summary, headline_markdown(cells, suite, split))
+            written[summary.name] = summary
+            figure = plot_headline(cells, suite, split)
+            if figure is not None:
+                written[figure.name] = figure
     return written
 
 
@@ -601,7 +619,7 @@ def markdown_table(cells: list[dict[str, Any]], suite: Suite, split: str) -> str
         if not any(k[1] == task for k in agg):
             continue
         columns = kinds + (["OOD mean"] if ood else [])
-        scored = _scored(cells, task)
+        scored = scored_task(cells, task)
         lines += [f"## {task} (`{suite.tasks[task].env}`)", "",
                   "| method | " + " | ".join(columns) + " | p50 ms |", "|---|" + "---|" * (len(columns) + 1)]
         for m in methods:
@@ -644,7 +662,7 @@ def suite_order(suite: Suite, kinds: Iterable[str]) -> list[str]:
     return [k for k in suite.protocol.suites if k in seen] + [k for k in seen if k not in suite.protocol.suites]
 
 
-def _scored(cells: list[dict[str, Any]], task: str) -> bool:
+def scored_task(cells: list[dict[str, Any]], task: str) -> bool:
     """True when a task's score is not its success (PushT's coverage score), so tables and charts show it."""
     return any(abs(c.get("mean_score", c["success_rate"]) - c["success_rate"]) > 1e-9
                for c in cells if c["task"] == task)
@@ -666,7 +684,7 @@ def plot_bars(cells: list[dict[str, Any]], suite: Suite, split: str) -> list[Pat
             continue
         methods = [m for m in suite.variants if any(k[0] == m for k in keys)]
         kinds = suite_order(suite, (k[2] for k in keys))
-        scored = _scored(cells, task)
+        scored = scored_task(cells, task)
         fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(methods) * max(1, len(kinds)) / 2), 3.6))
         width = 0.8 / len(kinds)
         for j, kind in enumerate(kinds):
