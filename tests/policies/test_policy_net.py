@@ -78,3 +78,22 @@ def test_training_runs_of_one_seed_start_from_the_same_body(square_store, tmp_pa
         nets[method] = load_pretrained(run).policy_net
     same = _shared(nets["fm"], nets["dap"])
     assert len(same) > 20 and all(same.values()), [k for k, v in same.items() if not v]
+
+
+def test_a_gated_paired_dap_network_starts_as_fms_whatever_its_prediction():
+    """`unet.gated_dynamic_context` + `paired_init` (the cpu suite's `dap-resnet-paired-gated`): the gates start at
+    0 and draw no random numbers, so DAP's network computes FM's velocity exactly until training opens them."""
+    fm = _net("fm", 0, "paired_init=true")
+    dap = _net("dap", 0, "paired_init=true", "unet.gated_dynamic_context=true")
+    assert all(_shared(fm, dap).values())
+    gates = [p for n, p in dap.named_parameters() if n.endswith(".gate")]
+    assert gates and all(not g.detach().any() for g in gates)
+    torch.manual_seed(1)
+    x, tau = torch.randn(2, 16, SPEC.action_dim), torch.rand(2)
+    static = torch.randn(2, 5, fm.unet.context_dim)
+    dynamic = torch.randn(2, 7, fm.unet.context_dim) * 3
+    with torch.no_grad():
+        expected = fm.unet(x, tau, static_tokens=static)
+        assert torch.equal(dap.unet(x, tau, static_tokens=static, dynamic_tokens=dynamic), expected)
+        gates[0].fill_(0.5)  # an opened gate lets the prediction in
+        assert not torch.allclose(dap.unet(x, tau, static_tokens=static, dynamic_tokens=dynamic), expected)
