@@ -65,8 +65,10 @@ def headline(cells: list[dict[str, Any]], suite: Suite) -> dict[tuple[str, str],
             mine = [c for c in cells if c["method"] == row and c["task"] == task]
             if not mine:
                 continue
-            complete = {s for s in {c["seed"] for c in mine}
-                        if all(any(c["seed"] == s and c["suite"] == k for c in mine) for k in ood_kinds)}
+            suites_of: dict[int, set[str]] = {}
+            for c in mine:
+                suites_of.setdefault(c["seed"], set()).add(c["suite"])
+            complete = {seed for seed, kinds in suites_of.items() if kinds >= set(ood_kinds)}
             ood = [c for c in mine if c["suite"] in ood_kinds and c["seed"] in complete] if ood_kinds else []
             out[(row, task)] = {"none": pool([c for c in mine if c["suite"] == "none"]), "ood": pool(ood)}
     return out
@@ -87,6 +89,7 @@ def headline_markdown(cells: list[dict[str, Any]], suite: Suite, split: str) -> 
     """The two headline tables (in distribution, OOD pooled): rows = the headline's labels, columns = tasks."""
     table = headline(cells, suite)
     tasks = [t for t in suite.tasks if any(k[1] == t for k in table)]
+    scored = {t: scored_task(cells, t) for t in tasks}
     ood_kinds = [k for k in suite.protocol.suites if is_ood_suite(k)]
     lines = [f"# Benchmark `{suite.name}`: headline ({split} split)", "",
              f"The rows named in the suite's `[headline]`, side by side on every task. Success rate pooled over a "
@@ -105,7 +108,7 @@ def headline_markdown(cells: list[dict[str, Any]], suite: Suite, split: str) -> 
         for row, label in suite.headline.items():
             if not any((row, t) in table for t in tasks):
                 continue
-            entries = [_entry(table[(row, t)][key], scored_task(cells, t)) if (row, t) in table else "-" for t in tasks]
+            entries = [_entry(table[(row, t)][key], scored[t]) if (row, t) in table else "-" for t in tasks]
             lines.append(f"| {label} (`{row}`) | " + " | ".join(entries) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -124,6 +127,7 @@ def plot_headline(cells: list[dict[str, Any]], suite: Suite, split: str) -> Path
     rows = [r for r in suite.headline if any((r, t) in table for t in tasks)]
     if not rows:
         return None
+    scored = {t: scored_task(cells, t) for t in tasks}
     panels = [("in distribution", "none"), ("out of distribution (pooled)", "ood")]
     fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.4 * len(tasks) * 2 + 2), 3.8), sharey=True)
     width = 0.8 / len(rows)
@@ -135,7 +139,7 @@ def plot_headline(cells: list[dict[str, Any]], suite: Suite, split: str) -> Path
                 if p is None:
                     continue
                 xs.append(i + (j - (len(rows) - 1) / 2) * width)
-                if scored_task(cells, task):
+                if scored[task]:
                     ys.append(p.score)
                     lo.append(p.score - p.score_range[0])
                     hi.append(p.score_range[1] - p.score)
@@ -145,7 +149,7 @@ def plot_headline(cells: list[dict[str, Any]], suite: Suite, split: str) -> Path
                     hi.append(max(0.0, p.ci95[1] - p.rate))
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=suite.headline[row])
         ax.set_xticks(range(len(tasks)))
-        ax.set_xticklabels([t + (" (score)" if scored_task(cells, t) else "") for t in tasks], fontsize=8)
+        ax.set_xticklabels([t + (" (score)" if scored[t] else "") for t in tasks], fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("success rate")
