@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dapolicy.nn.unet1d import ContextCache, CrossAttnUNet1D, UNet1DConfig
+from dapolicy.nn.unet1d import ContextCache, CrossAttnBlock1D, CrossAttnUNet1D, UNet1DConfig
 
 A, CTX, H = 3, 16, 8
 
@@ -199,3 +199,17 @@ def test_gated_dynamic_context_starts_as_the_static_only_network_and_learns_to_o
     assert not torch.allclose(net(x, tau, static_tokens=s, dynamic_tokens=d), net(x, tau, static_tokens=s))
     joint = tiny()  # the default: one softmax over both groups, so the dynamic tokens always matter
     assert not torch.allclose(joint(x, tau, static_tokens=s, dynamic_tokens=d), joint(x, tau, static_tokens=s))
+
+
+def test_gates_can_start_open_and_the_option_needs_the_gated_attention():
+    """`dynamic_gate_init` sets every gate (the prediction is used from the first step, tanh 2 = 0.96); the
+    static-only output then differs; without the gated attention there is no gate to set, which is an error."""
+    net = tiny(gated_dynamic_context=True, dynamic_gate_init=2.0)
+    gates = [m.gate for m in net.modules() if isinstance(m, CrossAttnBlock1D)]
+    assert gates and all(float(g.detach()) == 2.0 for g in gates)
+    x, tau, s, d = inputs()
+    assert not torch.allclose(net(x, tau, static_tokens=s, dynamic_tokens=d), net(x, tau, static_tokens=s))
+    with pytest.raises(ValueError, match="dynamic_gate_init needs gated_dynamic_context"):
+        tiny(dynamic_gate_init=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        tiny(gated_dynamic_context=True, dynamic_gate_init=float("nan"))

@@ -97,3 +97,13 @@ def test_a_gated_paired_dap_network_starts_as_fms_whatever_its_prediction():
         assert torch.equal(dap.unet(x, tau, static_tokens=static, dynamic_tokens=dynamic), expected)
         gates[0].fill_(0.5)  # an opened gate lets the prediction in
         assert not torch.allclose(dap.unet(x, tau, static_tokens=static, dynamic_tokens=dynamic), expected)
+
+
+def test_an_open_gated_paired_dap_network_shares_fms_weights_and_starts_with_its_gates_open():
+    """`unet.dynamic_gate_init` (the cpu suite's `dap-resnet-paired-gate-open`): the same paired weights as FM's
+    network, every gate at the given value, so the prediction is used from the first training step."""
+    fm = _net("fm", 0, "paired_init=true")
+    dap = _net("dap", 0, "paired_init=true", "unet.gated_dynamic_context=true", "unet.dynamic_gate_init=2.0")
+    assert all(_shared(fm, dap).values())
+    gates = [p.detach() for n, p in dap.named_parameters() if n.endswith(".gate")]
+    assert gates and all(torch.equal(g, torch.full((1,), 2.0)) for g in gates)

@@ -19,6 +19,7 @@ conditioned by FiLM on ``[tau embedding, global_cond]``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -49,6 +50,10 @@ class UNet1DConfig:
         starts as the plain policy, the current observation's attention is never diluted by the prediction's
         tokens, and the prediction is used only as far as training finds it pays. False: one softmax over
         the concatenation of both groups.
+    dynamic_gate_init: the gates' initial value g (the dynamic group enters with weight tanh g). 0 = the network
+        starts as the plain policy and training has to open the gates; 2 = they start open (tanh 2 = 0.96), the
+        prediction is used from the first step, and training has to close them if it does not pay. Only with
+        gated_dynamic_context.
     """
 
     down_dims: tuple[int, ...] = (64, 128, 256)
@@ -58,6 +63,7 @@ class UNet1DConfig:
     attn_heads: int = 4
     cross_attention: bool = True
     gated_dynamic_context: bool = False
+    dynamic_gate_init: float = 0.0
 
     def __post_init__(self) -> None:
         self.down_dims = tuple(int(d) for d in self.down_dims)
@@ -65,6 +71,10 @@ class UNet1DConfig:
             raise ValueError(f"down_dims must be a non-empty tuple of positive ints, got {self.down_dims}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
+        if not math.isfinite(self.dynamic_gate_init):
+            raise ValueError(f"dynamic_gate_init must be a finite number, got {self.dynamic_gate_init}")
+        if self.dynamic_gate_init != 0.0 and not self.gated_dynamic_context:
+            raise ValueError("dynamic_gate_init needs gated_dynamic_context=true (there is no gate without it)")
         if self.tau_embed_dim <= 0:
             raise ValueError(f"tau_embed_dim must be positive, got {self.tau_embed_dim}")
         for d in self.down_dims:
@@ -211,14 +221,15 @@ class CrossAttnBlock1D(nn.Module):
     """Pre-norm residual cross-attention: the H time positions are the queries, context tokens the keys.
 
     gated: the first key/value group (the static context) and the rest (the dynamic group) are attended in
-    separate softmaxes; the second result enters through tanh(gate), gate initialised to 0.
+    separate softmaxes; the second result enters through tanh(gate), gate initialised to `gate_init`.
     """
 
-    def __init__(self, channels: int, context_dim: int, heads: int, gated: bool = False) -> None:
+    def __init__(self, channels: int, context_dim: int, heads: int, gated: bool = False,
+                 gate_init: float = 0.0) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(channels)
         self.attn = CrossAttention(channels, context_dim, heads)
-        self.gate = nn.Parameter(torch.zeros(1)) if gated else None
+        self.gate = nn.Parameter(torch.full((1,), float(gate_init))) if gated else None
 
     def forward(self, x: Tensor, kv: list[KV]) -> Tensor:
         tokens = self.norm(x.transpose(1, 2))  # [B, H, C]
@@ -231,7 +242,7 @@ class CrossAttnBlock1D(nn.Module):
 def _attention_block(channels: int, context_dim: int, cfg: UNet1DConfig) -> CrossAttnBlock1D | None:
     if not cfg.cross_attention:
         return None
-    return CrossAttnBlock1D(channels, context_dim, cfg.attn_heads, cfg.gated_dynamic_context)
+    return CrossAttnBlock1D(channels, context_dim, cfg.attn_heads, cfg.gated_dynamic_context, cfg.dynamic_gate_init)
 
 
 class _DownLevel(nn.Module):
