@@ -103,6 +103,11 @@ class Protocol:
     # augmentation worked (2026-11-27) keeps it off, so that all of its cells follow one recipe
     augment: bool = True
 
+    @property
+    def ood_suites(self) -> list[str]:
+        """The listed suites that are distribution shifts (`is_ood_suite`), in the protocol's order."""
+        return [k for k in self.suites if is_ood_suite(k)]
+
 
 @dataclass
 class Suite:
@@ -604,7 +609,7 @@ def markdown_table(cells: list[dict[str, Any]], suite: Suite, split: str) -> str
     agg = aggregate(cells)
     methods = [m for m in suite.variants if any(k[0] == m for k in agg)]
     kinds = suite_order(suite, (c["suite"] for c in cells))
-    ood = [k for k in kinds if k in suite.protocol.suites and is_ood_suite(k)]
+    ood = [k for k in suite.protocol.ood_suites if k in kinds]
     lines = [f"# Benchmark `{suite.name}` ({split} split)", "",
              "Success rate, mean over training seeds, with the pooled 95% Wilson interval over all episodes of all "
              "seeds; per-seed rates and their standard deviation (`sd`) in brackets; `n` = episodes per seed x "

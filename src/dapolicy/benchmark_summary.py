@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from dapolicy.atomic import atomic_write_bytes
-from dapolicy.benchmark import Suite, is_ood_suite, scored_task
+from dapolicy.benchmark import Suite, scored_task
 from dapolicy.stats import wilson_interval
 
 
@@ -58,7 +58,7 @@ def headline(cells: list[dict[str, Any]], suite: Suite) -> dict[tuple[str, str],
     """(row, task) -> {"none": in distribution, "ood": pooled over the protocol's OOD suites} for the headline
     rows. Out of distribution only the seeds with a cell in every OOD suite count, so that each seed
     contributes the same suites."""
-    ood_kinds = [k for k in suite.protocol.suites if is_ood_suite(k)]
+    ood_kinds = suite.protocol.ood_suites
     out: dict[tuple[str, str], dict[str, Pooled | None]] = {}
     for row in suite.headline:
         for task in suite.tasks:
@@ -90,7 +90,7 @@ def headline_markdown(cells: list[dict[str, Any]], suite: Suite, split: str) -> 
     table = headline(cells, suite)
     tasks = [t for t in suite.tasks if any(k[1] == t for k in table)]
     scored = {t: scored_task(cells, t) for t in tasks}
-    ood_kinds = [k for k in suite.protocol.suites if is_ood_suite(k)]
+    ood_kinds = suite.protocol.ood_suites
     lines = [f"# Benchmark `{suite.name}`: headline ({split} split)", "",
              f"The rows named in the suite's `[headline]`, side by side on every task. Success rate pooled over a "
              f"row's training seeds (its own: the entry says how many), with the 95% Wilson interval over all "
