@@ -182,6 +182,26 @@ def test_untrained_tiny_dap_policy(run_dir):
     assert res["action_mse_vs_final"][-1] == pytest.approx(0.0, abs=1e-10)
     assert all(v == dg.PSNR_CAP_DB for v in (c[-1] for c in res["psnr_vs_final"].values()))
     assert (run / "diagnose" / "strip.png").is_file()
+    assert "prediction_gates" not in res  # one shared softmax: no gate to report
+
+
+def test_a_gated_policy_reports_its_prediction_gates(run_dir):
+    """With `unet.gated_dynamic_context` the JSON holds tanh(g) of every attention layer, in execution order."""
+    from dapolicy.policies import make_config, make_policy
+
+    run, _ = run_dir
+    torch.manual_seed(0)
+    policy = make_policy("dap", SPEC, make_config("dap", "tiny", ["unet.gated_dynamic_context=true",
+                                                                  "unet.dynamic_gate_init=0.5"]))
+    blocks = policy.policy_net.unet._attention_blocks()
+    with torch.no_grad():
+        blocks[0].gate.fill_(-1.0)  # the first layer executed
+    policy.save_pretrained(run / "model")
+    res = dg.diagnose(run / "model", windows=2, progress=False)
+    gates = res["prediction_gates"]
+    assert len(gates) == len(blocks) and gates[0] == pytest.approx(np.tanh(-1.0))
+    assert gates[1:] == pytest.approx([np.tanh(0.5)] * (len(blocks) - 1))
+    assert json.loads((run / "diagnose" / "diagnose.json").read_text())["prediction_gates"] == gates
 
 
 def test_copy_baseline_and_action_sensitivity_can_tell_a_model_that_ignores_the_action(run_dir):

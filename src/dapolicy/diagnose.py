@@ -274,6 +274,11 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
         result["next_obs_reliance"] = {k: float(np.concatenate(v).mean()) for k, v in reliance.items()}
         result["next_obs_reliance"]["coupled"] = result["final_action_mse_vs_demo"]
 
+    unet = getattr(getattr(policy, "policy_net", None), "unet", None)
+    gates = unet.prediction_gates() if unet is not None else []
+    if gates:
+        # how much of the prediction's attention each gated layer lets in (0 = the policy ignores it)
+        result["prediction_gates"] = gates
     out.mkdir(parents=True, exist_ok=True)
     result["plot"] = str(plot_curves(result, out / "diagnose.png"))
     if strip:
@@ -467,5 +472,8 @@ def run(args: argparse.Namespace) -> int:
         r = result["next_obs_reliance"]
         print(f"policy given o_t+k: real {r['real']:.3f}, another window's {r['shuffled']:.3f}, none {r['null']:.3f}, "
               f"coupled {r['coupled']:.3f} (action MSE vs demo)")
+    if "prediction_gates" in result:
+        print(f"prediction gates:        {' '.join(f'{g:+.3f}' for g in result['prediction_gates'])} "
+              f"(tanh g per attention layer: the weight the policy gives the prediction)")
     print(f"wrote {Path(result['plot']).parent / 'diagnose.json'}")
     return 0

@@ -311,11 +311,19 @@ class CrossAttnUNet1D(nn.Module):
         self._attn_layers: list[CrossAttention] = self._collect_attention()
 
     # ----------------------------------------------------------------------------------------- context
-    def _collect_attention(self) -> list[CrossAttention]:
+    def _attention_blocks(self) -> list[CrossAttnBlock1D]:
+        """The cross-attention blocks in execution order (down levels, mid, up levels deepest first)."""
         if not self.cfg.cross_attention:
             return []
-        blocks = [lvl.attn for lvl in self.downs] + [self.mid_attn] + [lvl.attn for lvl in reversed(self.ups)]
-        return [b.attn for b in blocks]
+        return [lvl.attn for lvl in self.downs] + [self.mid_attn] + [lvl.attn for lvl in reversed(self.ups)]
+
+    def _collect_attention(self) -> list[CrossAttention]:
+        return [b.attn for b in self._attention_blocks()]
+
+    def prediction_gates(self) -> list[float]:
+        """tanh(g) of every gated attention layer, in execution order: the weight each layer gives the dynamic
+        group (DAP's prediction). Empty without `gated_dynamic_context`."""
+        return [float(torch.tanh(b.gate.detach())) for b in self._attention_blocks() if b.gate is not None]
 
     def context_layers(self) -> list[CrossAttention]:
         """The cross-attention layers in the order of `ContextCache.kv` (execution order)."""
