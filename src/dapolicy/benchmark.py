@@ -673,6 +673,12 @@ def scored_task(cells: list[dict[str, Any]], task: str) -> bool:
                for c in cells if c["task"] == task)
 
 
+def whisker(center: float, bounds: tuple[float, float]) -> tuple[float, float, float]:
+    """(bar height, error below, error above) of a bar at `center` whose whisker spans `bounds` (an interval, or
+    the range of the seeds' scores), as matplotlib's `yerr` takes them."""
+    return center, max(0.0, center - bounds[0]), max(0.0, bounds[1] - center)
+
+
 def plot_bars(cells: list[dict[str, Any]], suite: Suite, split: str) -> list[Path]:
     """One PNG per task: grouped bars (methods x evaluation suites) with Wilson whiskers; on a task whose score
     is not its success (PushT), the mean score with whiskers spanning the training seeds' scores."""
@@ -701,13 +707,12 @@ def plot_bars(cells: list[dict[str, Any]], suite: Suite, split: str) -> list[Pat
                 xs.append(i + (j - (len(kinds) - 1) / 2) * width)
                 if scored:
                     seeds = [c.get("mean_score", c["success_rate"]) for c in a["seeds"]]
-                    ys.append(a["score"])
-                    lo.append(a["score"] - min(seeds))
-                    hi.append(max(seeds) - a["score"])
-                    continue
-                ys.append(a["mean"])
-                lo.append(max(0.0, a["mean"] - a["ci95"][0]))
-                hi.append(max(0.0, a["ci95"][1] - a["mean"]))
+                    y, below, above = whisker(a["score"], (min(seeds), max(seeds)))
+                else:
+                    y, below, above = whisker(a["mean"], a["ci95"])
+                ys.append(y)
+                lo.append(below)
+                hi.append(above)
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=kind)
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=20, ha="right", fontsize=8)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from dapolicy.atomic import atomic_write_bytes
-from dapolicy.benchmark import Suite, scored_task
+from dapolicy.benchmark import Suite, scored_task, whisker
 from dapolicy.stats import wilson_interval
 
 
@@ -139,14 +139,10 @@ def plot_headline(cells: list[dict[str, Any]], suite: Suite, split: str) -> Path
                 if p is None:
                     continue
                 xs.append(i + (j - (len(rows) - 1) / 2) * width)
-                if scored[task]:
-                    ys.append(p.score)
-                    lo.append(p.score - p.score_range[0])
-                    hi.append(p.score_range[1] - p.score)
-                else:
-                    ys.append(p.rate)
-                    lo.append(max(0.0, p.rate - p.ci95[0]))
-                    hi.append(max(0.0, p.ci95[1] - p.rate))
+                y, below, above = whisker(p.score, p.score_range) if scored[task] else whisker(p.rate, p.ci95)
+                ys.append(y)
+                lo.append(below)
+                hi.append(above)
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=suite.headline[row])
         ax.set_xticks(range(len(tasks)))
         ax.set_xticklabels([t + (" (score)" if scored[t] else "") for t in tasks], fontsize=8)
