@@ -80,6 +80,25 @@ def test_one_stale_cell_makes_every_cell_of_its_run_stale(smoke, tmp_path):
     assert all("fm__button__s0__none.json: set" in why for why in stale.values())
 
 
+def test_a_pin_of_a_default_that_moved_later_is_no_change(smoke, monkeypatch):
+    """A row that restates a former default in `set` after the default moved still owns the cells and runs made
+    before the move (its own and, through init_from, its sources'); made after the move, they were built with the
+    new default, so the pin is a change."""
+    folder, work = smoke
+    suite = bm.load_suite(folder / "suite.toml")
+    pin = "unet.gated_dynamic_context=false"
+    suite.variants["dap"].set = [pin]
+    cells = bm.plan_cells(suite, "test")
+    assert len(bm.stale_cells(suite, cells, work)) == 4  # no moved default: a change to every cell of both runs
+    monkeypatch.setattr(bm, "MOVED_DEFAULTS", {("dap", pin): "2999-01-01T00:00:00"})
+    assert bm.stale_cells(suite, cells, work) == {}  # the cells, fm's source and the run recipes predate the move
+    monkeypatch.setattr(bm, "MOVED_DEFAULTS", {("fm", pin): "2999-01-01T00:00:00"})
+    assert len(bm.stale_cells(suite, cells, work)) == 4  # a moved default of another method is no excuse
+    monkeypatch.setattr(bm, "MOVED_DEFAULTS", {("dap", pin): "2000-01-01T00:00:00"})
+    stale = bm.stale_cells(suite, cells, work)  # the cells came after the move: built with the new default
+    assert len(stale) == 4 and any("source.set" in why for why in stale.values())
+
+
 def test_a_source_rows_evaluation_settings_do_not_reach_the_rows_that_start_from_it(smoke, tmp_path):
     folder, _ = smoke
     suite = bm.load_suite(folder / "suite.toml")

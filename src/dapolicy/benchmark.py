@@ -287,6 +287,11 @@ RECIPE_FIELDS = ("method", "config", "steps", "set", "init_from", "stage", "mode
 TRAINING_FIELDS = ("method", "config", "steps", "set", "init_from", "stage")
 #: Written into each run folder the benchmark trains: the training recipe it was trained under.
 RUN_RECIPE_FILE = "benchmark_recipe.json"
+#: Defaults that moved, so that rows made before can restate ("pin") the former value in their `set` and keep
+#: meaning the model their cells were made with: (method, "field=former value") -> when the default moved (local
+#: time, the format of a cell's "finished"). Such a pin is no change against a cell or run recipe written before
+#: then; against one written after, it is (that model was built with the new default).
+MOVED_DEFAULTS: dict[tuple[str, str], str] = {}
 
 
 def augments(suite: Suite, variant: VariantSpec) -> bool:
@@ -326,12 +331,26 @@ def stale_fields(suite: Suite, cell: Cell, record: dict[str, Any]) -> list[str]:
     an old cell's shorter list can mean the same model."""
     current = variant_recipe(suite, cell.variant)
     if "recipe" in record:
-        return _differences(record["recipe"], current)
+        return _differences(record["recipe"], without_later_pins(current, record["recipe"], record.get("finished")))
     legacy = {"base_method": current["method"], **{f: current[f] for f in ("config", "steps", "init_from")}}
     fields = [name for name, want in legacy.items() if name in record and record[name] != want]
     # every cell of that time trained without augmentation
     return fields + [name for name, recipe in (("augment", current), ("source.augment", current.get("source") or {}))
                      if recipe.get("augment")]
+
+
+def without_later_pins(current: dict[str, Any], old: dict[str, Any], written: str | None) -> dict[str, Any]:
+    """`current` (a recipe, its sources included) without the pins of defaults that moved after `old` was
+    written (`MOVED_DEFAULTS`) and that `old` does not hold itself: what the row meant when `old` was written."""
+    out = dict(current)
+    if written is not None and isinstance(current.get("set"), list):
+        old_set = old.get("set") or []
+        out["set"] = [entry for entry in current["set"]
+                      if not (MOVED_DEFAULTS.get((current.get("method"), entry), "") > written
+                              and entry not in old_set)]
+    if isinstance(current.get("source"), dict) and isinstance(old.get("source"), dict):
+        out["source"] = without_later_pins(current["source"], old["source"], written)
+    return out
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -375,7 +394,9 @@ def stale_cells(suite: Suite, cells: list[Cell], work: Path | None = None) -> di
         for key in wanted:
             recipe_file = run_folder(work, *key) / RUN_RECIPE_FILE
             if recipe_file.is_file():
-                fields = _differences(json.loads(recipe_file.read_text()), training_recipe(suite, key[0]))
+                old = json.loads(recipe_file.read_text())
+                written = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(recipe_file.stat().st_mtime))
+                fields = _differences(old, without_later_pins(training_recipe(suite, key[0]), old, written))
                 if fields:
                     reasons.setdefault(key, []).append(f"{recipe_file}: {', '.join(fields)}")
     return {c: "; ".join(reasons[run_key(suite, c)]) for c in cells if run_key(suite, c) in reasons}
