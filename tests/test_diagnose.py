@@ -182,7 +182,7 @@ def test_untrained_tiny_dap_policy(run_dir):
     assert res["action_mse_vs_final"][-1] == pytest.approx(0.0, abs=1e-10)
     assert all(v == dg.PSNR_CAP_DB for v in (c[-1] for c in res["psnr_vs_final"].values()))
     assert (run / "diagnose" / "strip.png").is_file()
-    assert "prediction_gates" not in res  # one shared softmax: no gate to report
+    assert res["prediction_gates"] and not any(res["prediction_gates"])  # DAP's default gates start shut
 
 
 def test_a_gated_policy_reports_its_prediction_gates(run_dir):

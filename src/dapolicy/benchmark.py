@@ -291,7 +291,10 @@ RUN_RECIPE_FILE = "benchmark_recipe.json"
 #: meaning the model their cells were made with: (method, "field=former value") -> when the default moved (local
 #: time, the format of a cell's "finished"). Such a pin is no change against a cell or run recipe written before
 #: then; against one written after, it is (that model was built with the new default).
-MOVED_DEFAULTS: dict[tuple[str, str], str] = {}
+MOVED_DEFAULTS: dict[tuple[str, str], str] = {
+    # DAP's policy attends to its prediction through gates (docs/method.md, "Gated or joint attention")
+    ("dap", "unet.gated_dynamic_context=false"): "2026-11-28T00:20:00",
+}
 
 
 def augments(suite: Suite, variant: VariantSpec) -> bool:

@@ -509,7 +509,8 @@ def test_the_dap_method_trains_a_null_only_policy_exactly_as_fm_trains_the_same_
     spec = EpisodeStore.open(square_store).spec
     common = ["obs_encoder=resnet", "resnet.width=8"]
     seed_everything(0)
-    dap = make_policy("dap", spec, make_config("dap", "tiny", common + [
+    # the joint softmax (the default before 2026-11-28): the null tokens sit beside the observation's, as registers do
+    dap = make_policy("dap", spec, make_config("dap", "tiny", common + ["unet.gated_dynamic_context=false",
         "next_obs_mix.ground_truth=0", "next_obs_mix.dynamics=0", "next_obs_mix.rollout=0", "next_obs_mix.null=1"]))
     null = dap.policy_net.null_next.detach()
     fm = make_policy("fm", spec, make_config("fm", "tiny", common + [f"register_tokens={null.shape[0]}"]))
