@@ -48,3 +48,13 @@ def test_corrupt_settings_file_names_the_file(tmp_path: Path) -> None:
     (out / SETTINGS_FILE).write_text("{")
     with pytest.raises(ValueError, match=rf"{SETTINGS_FILE} is corrupt.*--overwrite"):
         _check_out_dir(out, QuickstartConfig(), overwrite=False)
+
+
+def test_the_report_shows_the_prediction_gates_when_the_policy_has_them() -> None:
+    from dapolicy.quickstart import _prediction_summary
+
+    diag = {"final_psnr_vs_real": {"front": 20.0}, "psnr_copy_current": {"front": 19.0}}
+    assert not any("gates" in line for line in _prediction_summary(diag))
+    lines = _prediction_summary({**diag, "prediction_gates": [0.004, -0.012]})
+    assert any("+0.004 -0.012" in line for line in lines)
+    assert any("-0.012" in line for line in _prediction_summary({"prediction_gates": [-0.012]}))

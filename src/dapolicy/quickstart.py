@@ -197,9 +197,13 @@ def _video_still(run_dir: Path, out: Path) -> str | None:
 
 
 def _prediction_summary(diag: dict[str, Any]) -> list[str]:
-    """One table: what the predicted next frame is worth against copying the current frame, per camera."""
+    """One table: what the predicted next frame is worth against copying the current frame, per camera; and how
+    far the policy lets the prediction in (its attention gates), when it has them."""
+    gates = diag.get("prediction_gates") or []
+    gate_line = ([f"Prediction gates (tanh g per policy attention layer; near 0 = the policy keeps the prediction "
+                  f"out): {' '.join(f'{g:+.3f}' for g in gates)}.", ""] if gates else [])
     if "final_psnr_vs_real" not in diag:
-        return []
+        return gate_line
     lines = ["| camera | predicted next frame | copy current frame | VAE reconstruction | gain from the true "
              "action | action sensitivity |", "|---|---|---|---|---|---|"]
     for cam, final in diag["final_psnr_vs_real"].items():
@@ -208,7 +212,8 @@ def _prediction_summary(diag: dict[str, Any]) -> list[str]:
             return "-" if value is None else f"{value:{fmt}}{unit}"
         lines.append(f"| {cam} | {final:.1f} dB | {get('psnr_copy_current')} | {get('psnr_vae_recon')} | "
                      f"{get('action_psnr_gain_db', '+.2f')} | {get('action_sensitivity', '.2f', '')} |")
-    return lines + ["", "(`docs/method.md` explains these references; `dap diagnose` writes them all.)", ""]
+    return lines + ["", *gate_line, "(`docs/method.md` explains these references; `dap diagnose` writes them all.)",
+                    ""]
 
 
 def render_report(out: Path, summary: dict[str, Any], results: dict[str, Any], diag: dict[str, Any]) -> str:
