@@ -1,5 +1,7 @@
 """CrossAttnUNet1D: shapes, context dependence, the static-cache identity, batch independence, learning."""
 
+import math
+
 import pytest
 import torch
 
@@ -213,3 +215,24 @@ def test_gates_can_start_open_and_the_option_needs_the_gated_attention():
         tiny(dynamic_gate_init=1.0)
     with pytest.raises(ValueError, match="finite"):
         tiny(gated_dynamic_context=True, dynamic_gate_init=float("nan"))
+
+
+def test_a_gate_scale_multiplies_how_far_adam_moves_a_gate_and_keeps_its_start():
+    """dynamic_gate_scale s: the gate starts at tanh(dynamic_gate_init) whatever s, and one Adam step (which moves a
+    parameter by ~lr whatever its gradient) moves the gate's weight s times as far."""
+    x, tau, s, d = inputs()
+    moved = {}
+    for scale in (1.0, 10.0):
+        net = tiny(gated_dynamic_context=True, dynamic_gate_scale=scale, dynamic_gate_init=0.5)
+        net.train()
+        assert net.prediction_gates() == pytest.approx([math.tanh(0.5)] * len(net.prediction_gates()))
+        gates = [m.gate for m in net.modules() if isinstance(m, CrossAttnBlock1D)]
+        opt = torch.optim.Adam(gates, lr=1e-3)
+        net(x, tau, static_tokens=s, dynamic_tokens=d).pow(2).sum().backward()
+        opt.step()
+        moved[scale] = abs(net.prediction_gates()[0] - math.tanh(0.5))
+    assert moved[10.0] == pytest.approx(10 * moved[1.0], rel=0.05)
+    with pytest.raises(ValueError, match="dynamic_gate_scale needs gated_dynamic_context"):
+        tiny(dynamic_gate_scale=3.0)
+    with pytest.raises(ValueError, match="positive"):
+        tiny(gated_dynamic_context=True, dynamic_gate_scale=0.0)

@@ -50,10 +50,14 @@ class UNet1DConfig:
         starts as the plain policy, the current observation's attention is never diluted by the prediction's
         tokens, and the prediction is used only as far as training finds it pays. False: one softmax over
         the concatenation of both groups.
-    dynamic_gate_init: the gates' initial value g (the dynamic group enters with weight tanh g). 0 = the network
-        starts as the plain policy and training has to open the gates; 2 = they start open (tanh 2 = 0.96), the
-        prediction is used from the first step, and training has to close them if it does not pay. Only with
-        gated_dynamic_context.
+    dynamic_gate_init: the gates' starting value: the dynamic group enters with weight tanh(dynamic_gate_init).
+        0 = the network starts as the plain policy and training has to open the gates; 2 = they start open
+        (tanh 2 = 0.96), the prediction is used from the first step, and training has to close them if it does
+        not pay. Only with gated_dynamic_context.
+    dynamic_gate_scale: each gate's weight is tanh(scale * g) for its parameter g. Adam moves a parameter by
+        about the learning rate per step whatever its gradient, so at scale 1 a gate travels at most ~0.3 in a
+        2,000-step run at the policy's schedule, too little to open or close far; scale s lets it travel s
+        times as far (a learning-rate multiplier for the gates alone). Only with gated_dynamic_context.
     """
 
     down_dims: tuple[int, ...] = (64, 128, 256)
@@ -64,6 +68,7 @@ class UNet1DConfig:
     cross_attention: bool = True
     gated_dynamic_context: bool = False
     dynamic_gate_init: float = 0.0
+    dynamic_gate_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.down_dims = tuple(int(d) for d in self.down_dims)
@@ -75,6 +80,10 @@ class UNet1DConfig:
             raise ValueError(f"dynamic_gate_init must be a finite number, got {self.dynamic_gate_init}")
         if self.dynamic_gate_init != 0.0 and not self.gated_dynamic_context:
             raise ValueError("dynamic_gate_init needs gated_dynamic_context=true (there is no gate without it)")
+        if not (math.isfinite(self.dynamic_gate_scale) and self.dynamic_gate_scale > 0):
+            raise ValueError(f"dynamic_gate_scale must be a positive number, got {self.dynamic_gate_scale}")
+        if self.dynamic_gate_scale != 1.0 and not self.gated_dynamic_context:
+            raise ValueError("dynamic_gate_scale needs gated_dynamic_context=true (there is no gate without it)")
         if self.tau_embed_dim <= 0:
             raise ValueError(f"tau_embed_dim must be positive, got {self.tau_embed_dim}")
         for d in self.down_dims:
@@ -221,28 +230,35 @@ class CrossAttnBlock1D(nn.Module):
     """Pre-norm residual cross-attention: the H time positions are the queries, context tokens the keys.
 
     gated: the first key/value group (the static context) and the rest (the dynamic group) are attended in
-    separate softmaxes; the second result enters through tanh(gate), gate initialised to `gate_init`.
+    separate softmaxes; the second result enters with weight tanh(gate_scale * gate), which starts at
+    tanh(gate_init).
     """
 
     def __init__(self, channels: int, context_dim: int, heads: int, gated: bool = False,
-                 gate_init: float = 0.0) -> None:
+                 gate_init: float = 0.0, gate_scale: float = 1.0) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(channels)
         self.attn = CrossAttention(channels, context_dim, heads)
-        self.gate = nn.Parameter(torch.full((1,), float(gate_init))) if gated else None
+        self.gate_scale = float(gate_scale)
+        self.gate = nn.Parameter(torch.full((1,), float(gate_init) / self.gate_scale)) if gated else None
+
+    def gate_weight(self) -> Tensor:
+        """The weight of the dynamic group's attention, tanh(gate_scale * gate) (gated blocks only)."""
+        return torch.tanh(self.gate * self.gate_scale)
 
     def forward(self, x: Tensor, kv: list[KV]) -> Tensor:
         tokens = self.norm(x.transpose(1, 2))  # [B, H, C]
         if self.gate is None or len(kv) < 2:
             return x + self.attn(tokens, kv=kv).transpose(1, 2)
-        out = self.attn(tokens, kv=kv[:1]) + torch.tanh(self.gate) * self.attn(tokens, kv=kv[1:])
+        out = self.attn(tokens, kv=kv[:1]) + self.gate_weight() * self.attn(tokens, kv=kv[1:])
         return x + out.transpose(1, 2)
 
 
 def _attention_block(channels: int, context_dim: int, cfg: UNet1DConfig) -> CrossAttnBlock1D | None:
     if not cfg.cross_attention:
         return None
-    return CrossAttnBlock1D(channels, context_dim, cfg.attn_heads, cfg.gated_dynamic_context, cfg.dynamic_gate_init)
+    return CrossAttnBlock1D(channels, context_dim, cfg.attn_heads, cfg.gated_dynamic_context, cfg.dynamic_gate_init,
+                            cfg.dynamic_gate_scale)
 
 
 class _DownLevel(nn.Module):
@@ -323,7 +339,7 @@ class CrossAttnUNet1D(nn.Module):
     def prediction_gates(self) -> list[float]:
         """tanh(g) of every gated attention layer, in execution order: the weight each layer gives the dynamic
         group (DAP's prediction). Empty without `gated_dynamic_context`."""
-        return [float(torch.tanh(b.gate.detach())) for b in self._attention_blocks() if b.gate is not None]
+        return [float(b.gate_weight().detach()) for b in self._attention_blocks() if b.gate is not None]
 
     def context_layers(self) -> list[CrossAttention]:
         """The cross-attention layers in the order of `ContextCache.kv` (execution order)."""
