@@ -107,3 +107,9 @@ def test_an_open_gated_paired_dap_network_shares_fms_weights_and_starts_with_its
     assert all(_shared(fm, dap).values())
     gates = [p.detach() for n, p in dap.named_parameters() if n.endswith(".gate")]
     assert gates and all(torch.equal(g, torch.full((1,), 2.0)) for g in gates)
+
+
+def test_fm_refuses_gates_it_would_never_use():
+    """FM reads no prediction: gated attention there would only add parameters that never get a gradient."""
+    with pytest.raises(ValueError, match="reads no prediction"):
+        _net("fm", 0, "unet.gated_dynamic_context=true")

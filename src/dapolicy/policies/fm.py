@@ -166,6 +166,9 @@ class FMPolicy(Policy):
 
     def __init__(self, config: FMConfig, spec: EnvSpec) -> None:
         super().__init__(config, spec)
+        if config.unet.gated_dynamic_context and not self.with_next_obs:
+            raise ValueError(f"unet.gated_dynamic_context gates the predicted next observation's attention; method "
+                             f"{self.method!r} reads no prediction, so its gates would never be used")
         down = config.vae.downsample_factor
         if spec.image_size % (2 * down):
             raise ValueError(f"image_size {spec.image_size} must be divisible by {2 * down} "
