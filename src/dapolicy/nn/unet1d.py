@@ -337,8 +337,8 @@ class CrossAttnUNet1D(nn.Module):
         return [b.attn for b in self._attention_blocks()]
 
     def prediction_gates(self) -> list[float]:
-        """tanh(g) of every gated attention layer, in execution order: the weight each layer gives the dynamic
-        group (DAP's prediction). Empty without `gated_dynamic_context`."""
+        """The gate weight tanh(scale * g) of every gated attention layer, in execution order: the weight each layer
+        gives the dynamic group (DAP's prediction). Empty without `gated_dynamic_context`."""
         return [float(b.gate_weight().detach()) for b in self._attention_blocks() if b.gate is not None]
 
     def context_layers(self) -> list[CrossAttention]:
