@@ -287,6 +287,14 @@ RECIPE_FIELDS = ("method", "config", "steps", "set", "init_from", "stage", "mode
 TRAINING_FIELDS = ("method", "config", "steps", "set", "init_from", "stage")
 #: Written into each run folder the benchmark trains: the training recipe it was trained under.
 RUN_RECIPE_FILE = "benchmark_recipe.json"
+
+
+def local_timestamp(seconds: float | None = None) -> str:
+    """Local time (now, or `seconds` since the epoch) as a cell's "finished" records it; these strings, and
+    `MOVED_DEFAULTS`' times, compare in time order."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds))
+
+
 #: Defaults that moved, so that rows made before can restate ("pin") the former value in their `set` and keep
 #: meaning the model their cells were made with: (method, "field=former value") -> when the default moved (local
 #: time, the format of a cell's "finished"). Such a pin is no change against a cell or run recipe written before
@@ -398,7 +406,7 @@ def stale_cells(suite: Suite, cells: list[Cell], work: Path | None = None) -> di
             recipe_file = run_folder(work, *key) / RUN_RECIPE_FILE
             if recipe_file.is_file():
                 old = json.loads(recipe_file.read_text())
-                written = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(recipe_file.stat().st_mtime))
+                written = local_timestamp(recipe_file.stat().st_mtime)
                 fields = _differences(old, without_later_pins(training_recipe(suite, key[0]), old, written))
                 if fields:
                     reasons.setdefault(key, []).append(f"{recipe_file}: {', '.join(fields)}")
@@ -528,7 +536,7 @@ class Runner:
             "eval_threads": self.threads or _torch_threads(), "eval_workers": self.workers,
             "config": v.config, "steps": v.steps, "set": v.set, "init_from": v.init_from,
             "recipe": variant_recipe(self.suite, cell.variant),
-            "dapolicy_commit": _git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "dapolicy_commit": _git_commit(), "finished": local_timestamp(),
         }
         write_json_atomic(path, cellrec)
         return cellrec

@@ -287,6 +287,11 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
     return result
 
 
+def format_gates(gates: list[float]) -> str:
+    """A policy's prediction gates (`result["prediction_gates"]`) on one line, in execution order."""
+    return " ".join(f"{g:+.3f}" for g in gates)
+
+
 BASELINE_KEYS = ("copy_current", "vae_recon", "true_action", "other_action", "predicted_change", "real_change")
 
 
@@ -473,7 +478,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"policy given o_t+k: real {r['real']:.3f}, another window's {r['shuffled']:.3f}, none {r['null']:.3f}, "
               f"coupled {r['coupled']:.3f} (action MSE vs demo)")
     if "prediction_gates" in result:
-        print(f"prediction gates:        {' '.join(f'{g:+.3f}' for g in result['prediction_gates'])} "
+        print(f"prediction gates:        {format_gates(result['prediction_gates'])} "
               f"(tanh g per attention layer: the weight the policy gives the prediction)")
     print(f"wrote {Path(result['plot']).parent / 'diagnose.json'}")
     return 0

@@ -199,9 +199,11 @@ def _video_still(run_dir: Path, out: Path) -> str | None:
 def _prediction_summary(diag: dict[str, Any]) -> list[str]:
     """One table: what the predicted next frame is worth against copying the current frame, per camera; and how
     far the policy lets the prediction in (its attention gates), when it has them."""
+    from dapolicy.diagnose import format_gates
+
     gates = diag.get("prediction_gates") or []
     gate_line = ([f"Prediction gates (tanh g per policy attention layer; near 0 = the policy keeps the prediction "
-                  f"out): {' '.join(f'{g:+.3f}' for g in gates)}.", ""] if gates else [])
+                  f"out): {format_gates(gates)}.", ""] if gates else [])
     if "final_psnr_vs_real" not in diag:
         return gate_line
     lines = ["| camera | predicted next frame | copy current frame | VAE reconstruction | gain from the true "
