@@ -8,7 +8,8 @@
 #   bash benchmarks/paper/gpu_check.sh OUT_DIR        (from the repository root; PYTHON=... to pick python)
 #
 # Needs a CUDA device, torch and numpy (and pytest for the tests); the package runs from src/ uninstalled.
-# Every step has its own time limit, so one slow step costs its limit, never the rest.
+# Every step has its own time limit, so one slow step costs its limit, never the rest. ONLY="name name ..." runs
+# just those steps (e.g. ONLY="machine cuda_tests gated_vs_joint_paper" when a loan is short).
 set -u
 out=${1:-runs/gpu_check}
 mkdir -p "$out"
@@ -20,6 +21,7 @@ log="$out/gpu_check.log"
 step() {  # step NAME LIMIT_S COMMAND...
     local name=$1 limit=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
     echo "== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$log"
     timeout "$limit" "$@" 2>&1 | tee -a "$log"
     echo "== $name rc=${PIPESTATUS[0]}" | tee -a "$log"
@@ -31,6 +33,9 @@ step cuda_tests 120 $py -m pytest -q -p no:cacheprovider tests/policies/test_fas
 # every method, the default sampler (DAP and FM replay CUDA graphs from their second call)
 step latency_paper 210 $bench latency --config paper --device cuda --steps 1,10 --batch 1,8 --reps 15 \
     --out "$out/latency_paper.json"
+# DAP's gated next-observation attention (the default) against the joint one (the default before) and FM
+step gated_vs_joint_paper 90 $py benchmarks/latency/gated_vs_joint.py --config paper --device cuda --batch 1,8 \
+    --reps 30 --out "$out/gated_vs_joint_paper.json"
 # TF32 matmuls with graphs (an opt-in setting: not bit-equal to fp32, so never the default)
 step latency_paper_tf32 60 $bench latency --config paper --device cuda --steps 10 --batch 1,8 --methods dap,fm \
     --matmul-precision high --out "$out/latency_paper_tf32.json"
