@@ -8,7 +8,7 @@ from conftest import copy_with_edited_cell
 
 from dapolicy import benchmark as bm
 from dapolicy.cli import main as cli_main
-from dapolicy.compare import compare, mcnemar_exact_p, paired_difference
+from dapolicy.compare import ALL_TASKS, compare, mcnemar_exact_p, paired_difference, pooled_over_tasks
 
 
 def test_mcnemar_exact_p_is_the_two_sided_binomial_tail():
@@ -36,6 +36,57 @@ def test_seed_to_seed_variation_widens_the_interval():
              1: np.array([[False, False]] * 50), 2: np.array([[False, False]] * 50)}
     width = [np.subtract(*reversed(paired_difference(p)["ci95"])) for p in (even, lumpy)]
     assert width[1] > 1.5 * width[0]
+
+
+def test_the_bootstrap_draws_seeds_within_each_stratum():
+    """Task A: A always better; task B: never different. Drawn within tasks, every resample holds two runs of
+    each, so the difference is exactly 0.5; drawn across them, the mix of tasks varies and so does it."""
+    pairs = {"a:0": np.array([[1, 0]] * 10), "a:1": np.array([[1, 0]] * 10),
+             "b:0": np.array([[1, 1]] * 10), "b:1": np.array([[0, 0]] * 10)}
+    strata = {key: key[0] for key in pairs}
+    stratified, mixed = paired_difference(pairs, strata=strata), paired_difference(pairs)
+    assert stratified["difference"] == mixed["difference"] == 0.5
+    assert stratified["ci95"] == [0.5, 0.5] and mixed["ci95"][0] < 0.5 < mixed["ci95"][1]
+    # one stratum is the unstratified bootstrap, draw for draw
+    assert paired_difference(pairs, strata={key: "x" for key in pairs}) == mixed
+
+
+def test_suites_that_two_tasks_share_are_pooled_over_them():
+    ones = np.array([[1, 0]] * 4)
+    rows = {("peg", "none"): {0: ones, 1: ones}, ("pick", "none"): {0: ones},
+            ("peg", "OOD (pooled)"): {0: ones}, ("peg", "light"): {0: ones}}
+    pooled = pooled_over_tasks(rows)
+    assert list(pooled) == ["none"]  # only "none" has cells on two tasks
+    pairs, strata = pooled["none"]
+    assert sorted(pairs) == ["peg:0", "peg:1", "pick:0"]
+    assert strata == {"peg:0": "peg", "peg:1": "peg", "pick:0": "pick"}
+
+
+def test_compare_over_two_tasks_adds_rows_for_all_tasks(smoke, tmp_path):
+    """The smoke suite with its task listed twice (the second name's cells copies of the first's, one episode
+    changed): the 'all tasks' rows pool both tasks' episodes."""
+    folder, work = smoke
+    import shutil
+
+    copy = tmp_path / "two"
+    shutil.copytree(folder, copy)
+    toml = (copy / "suite.toml").read_text()
+    task = toml[toml.index("[tasks.button]"):toml.index("[methods.dap]")]
+    (copy / "suite.toml").write_text(toml.replace("[methods.dap]", task.replace("button", "twin") + "[methods.dap]"))
+    for cell in (copy / "cells" / "test").glob("*__button__*.json"):
+        record = json.loads(cell.read_text())
+        record["task"] = "twin"
+        if cell.name == "dap__button__s0__none.json":
+            record["episode_successes"] = [1.0, 1.0]
+            record["successes"] = 2
+        (cell.parent / cell.name.replace("__button__", "__twin__")).write_text(json.dumps(record))
+    report = compare(bm.load_suite(copy / "suite.toml"), "dap", "fm", work=work)
+    by = {(r["task"], r["suite"]): r for r in report["results"]}
+    assert (ALL_TASKS, "none") in by and (ALL_TASKS, "OOD (pooled)") in by
+    both = by[(ALL_TASKS, "none")]
+    assert both["n"] == by[("button", "none")]["n"] + by[("twin", "none")]["n"] == 4
+    assert both["rate_a"] == (by[("button", "none")]["rate_a"] + by[("twin", "none")]["rate_a"]) / 2
+    assert both["seeds"] == ["button:0", "twin:0"]
 
 
 def test_compare_pairs_the_rows_cells_episode_by_episode(smoke, tmp_path, capsys):

@@ -10,6 +10,10 @@ the noise of the difference. Reported per task and suite, and pooled over the OO
 * the discordant pairs (A alone succeeded, B alone) and the exact McNemar p-value on them (episode noise
   only, given the trained models).
 
+When the rows share cells on more than one task, rows headed "all tasks" pool each suite (and the OOD pool)
+over the tasks: every (task, training seed) run is one unit, and the bootstrap draws seeds within each task
+(stratified), so a task's weight stays its number of episodes.
+
 `--metric score` compares the per-episode task score instead (PushT's coverage / 0.95, clipped at 1, the
 Diffusion-Policy score; Meta-World's is the success): where a budget leaves every success rate at 0, the
 score still orders the methods. The counts are then the pairs in which A scored higher, and B, and the
@@ -34,6 +38,7 @@ import numpy as np
 from dapolicy.benchmark import Cell, Suite, SuiteError, cell_path, is_ood_suite, plan_cells, run_folder, run_key
 
 OOD_POOL = "OOD (pooled)"
+ALL_TASKS = "all tasks"
 METRICS = ("success", "score")
 _CELL_FIELD = {"success": "episode_successes", "score": "episode_scores"}
 
@@ -53,9 +58,11 @@ def mcnemar_exact_p(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired_difference(pairs: dict[int, np.ndarray], resamples: int = 4000, seed: int = 0) -> dict[str, Any]:
-    """pairs: training seed -> array [episodes, 2] of A's and B's outcome on the same episodes (success as
-    bool or 0/1, or a score in [0, 1]).
+def paired_difference(pairs: dict[Any, np.ndarray], resamples: int = 4000, seed: int = 0,
+                      strata: dict[Any, str] | None = None) -> dict[str, Any]:
+    """pairs: training seed (or any key of one trained pair of runs) -> array [episodes, 2] of A's and B's
+    outcome on the same episodes (success as bool or 0/1, or a score in [0, 1]). strata: key -> group (a task)
+    within which the bootstrap draws keys, so each group keeps its number of runs; None: one group.
 
     Returns the means ("rate_a", "rate_b"), their difference, its 95% two-level bootstrap interval, the pairs
     in which A did better ("a_only") and B did, and the exact test on those counts ("mcnemar_p": McNemar's
@@ -68,8 +75,12 @@ def paired_difference(pairs: dict[int, np.ndarray], resamples: int = 4000, seed:
     rng = np.random.default_rng(seed)
     diffs = np.empty(resamples)
     per_seed = [pairs[s][:, 0].astype(float) - pairs[s][:, 1].astype(float) for s in seeds]
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(seeds):
+        groups.setdefault(strata[s] if strata else "", []).append(i)
     for i in range(resamples):
-        drawn = rng.integers(0, len(seeds), len(seeds))
+        drawn = np.concatenate([np.asarray(members)[rng.integers(0, len(members), len(members))]
+                                for members in groups.values()])
         diffs[i] = np.mean(np.concatenate([per_seed[j][rng.integers(0, len(per_seed[j]), len(per_seed[j]))]
                                            for j in drawn]))
     a_only, b_only = int(np.sum(a > b)), int(np.sum(a < b))
@@ -145,8 +156,24 @@ def compare(suite: Suite, a: str, b: str, split: str = "test", tasks: list[str] 
     order = {k: i for i, k in enumerate(suite.protocol.suites)}
     results = [{"task": task, "suite": kind, **paired_difference(pairs)}
                for (task, kind), pairs in sorted(rows.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99)))]
+    for kind, (pairs, strata) in sorted(pooled_over_tasks(rows).items(), key=lambda kv: order.get(kv[0], 99)):
+        results.append({"task": ALL_TASKS, "suite": kind, **paired_difference(pairs, strata=strata)})
     return {"suite": suite.name, "split": split, "metric": metric, "a": a, "b": b,
             "seeds": sorted({seed for _, seed, _ in shared}), "results": results, "skipped": skipped}
+
+
+def pooled_over_tasks(rows: dict[tuple[str, str], dict[int, np.ndarray]]
+                      ) -> dict[str, tuple[dict[str, np.ndarray], dict[str, str]]]:
+    """Per suite that two or more tasks share: its pairs over all of them, keyed "task:seed", and each key's
+    task (the bootstrap's strata)."""
+    out: dict[str, tuple[dict[str, np.ndarray], dict[str, str]]] = {}
+    for kind in {k for _, k in rows}:
+        tasks = sorted(t for t, k in rows if k == kind)
+        if len(tasks) < 2:
+            continue
+        pairs = {f"{t}:{s}": p for t in tasks for s, p in rows[(t, kind)].items()}
+        out[kind] = (pairs, {key: key.rsplit(":", 1)[0] for key in pairs})
+    return out
 
 
 def markdown(report: dict[str, Any]) -> str:
