@@ -289,15 +289,16 @@ TRAINING_FIELDS = ("method", "config", "steps", "set", "init_from", "stage")
 RUN_RECIPE_FILE = "benchmark_recipe.json"
 
 
-def local_timestamp(seconds: float | None = None) -> str:
-    """Local time (now, or `seconds` since the epoch) as a cell's "finished" records it; these strings, and
-    `MOVED_DEFAULTS`' times, compare in time order."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds))
+def utc_timestamp(seconds: float | None = None) -> str:
+    """UTC (now, or `seconds` since the epoch) as a cell's "finished" records it; these strings, and
+    `MOVED_DEFAULTS`' times, compare in time order on a machine in any time zone. (Every cell before
+    2026-11-28 was written on machines whose local time was UTC, so their local times are UTC too.)"""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 #: Defaults that moved, so that rows made before can restate ("pin") the former value in their `set` and keep
-#: meaning the model their cells were made with: (method, "field=former value") -> when the default moved (local
-#: time, the format of a cell's "finished"). Such a pin is no change against a cell or run recipe written before
+#: meaning the model their cells were made with: (method, "field=former value") -> when the default moved (UTC,
+#: the format of a cell's "finished"). Such a pin is no change against a cell or run recipe written before
 #: then; against one written after, it is (that model was built with the new default).
 MOVED_DEFAULTS: dict[tuple[str, str], str] = {
     # DAP's policy attends to its prediction through gates (docs/method.md, "Gated or joint attention")
@@ -406,7 +407,7 @@ def stale_cells(suite: Suite, cells: list[Cell], work: Path | None = None) -> di
             recipe_file = run_folder(work, *key) / RUN_RECIPE_FILE
             if recipe_file.is_file():
                 old = json.loads(recipe_file.read_text())
-                written = local_timestamp(recipe_file.stat().st_mtime)
+                written = utc_timestamp(recipe_file.stat().st_mtime)
                 fields = _differences(old, without_later_pins(training_recipe(suite, key[0]), old, written))
                 if fields:
                     reasons.setdefault(key, []).append(f"{recipe_file}: {', '.join(fields)}")
@@ -536,7 +537,7 @@ class Runner:
             "eval_threads": self.threads or _torch_threads(), "eval_workers": self.workers,
             "config": v.config, "steps": v.steps, "set": v.set, "init_from": v.init_from,
             "recipe": variant_recipe(self.suite, cell.variant),
-            "dapolicy_commit": _git_commit(), "finished": local_timestamp(),
+            "dapolicy_commit": _git_commit(), "finished": utc_timestamp(),
         }
         write_json_atomic(path, cellrec)
         return cellrec
