@@ -31,7 +31,7 @@ bench="$py -m dapolicy bench"
 step machine 30 bash -c "nvidia-smi -L; $py -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))'"
 step cuda_tests 120 $py -m pytest -q -p no:cacheprovider tests/policies/test_fast_sampler.py -k cuda
 # every method, the default sampler (DAP and FM replay CUDA graphs from their second call)
-step latency_paper 210 $bench latency --config paper --device cuda --steps 1,10 --batch 1,8 --reps 15 \
+step latency_paper 300 $bench latency --config paper --device cuda --steps 1,10 --batch 1,8 --reps 15 \
     --out "$out/latency_paper.json"
 # DAP's gated next-observation attention (the default) against the joint one (the default before) and FM
 step gated_vs_joint_paper 90 $py benchmarks/latency/gated_vs_joint.py --config paper --device cuda --batch 1,8 \
