@@ -1,6 +1,7 @@
 """`dap benchmark --compare`: paired differences of two rows on the same episodes."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -66,8 +67,6 @@ def test_compare_over_two_tasks_adds_rows_for_all_tasks(smoke, tmp_path):
     """The smoke suite with its task listed twice (the second name's cells copies of the first's, one episode
     changed): the 'all tasks' rows pool both tasks' episodes."""
     folder, work = smoke
-    import shutil
-
     copy = tmp_path / "two"
     shutil.copytree(folder, copy)
     toml = (copy / "suite.toml").read_text()

@@ -171,8 +171,8 @@ def pooled_over_tasks(rows: dict[tuple[str, str], dict[int, np.ndarray]]
         tasks = sorted(t for t, k in rows if k == kind)
         if len(tasks) < 2:
             continue
-        pairs = {f"{t}:{s}": p for t in tasks for s, p in rows[(t, kind)].items()}
-        out[kind] = (pairs, {key: key.rsplit(":", 1)[0] for key in pairs})
+        keyed = {(t, s): p for t in tasks for s, p in rows[(t, kind)].items()}
+        out[kind] = ({f"{t}:{s}": p for (t, s), p in keyed.items()}, {f"{t}:{s}": t for t, s in keyed})
     return out
 
 
