@@ -26,6 +26,7 @@ def test_smoke_suite_writes_cells_csv_markdown_and_charts(smoke):
     assert cell["episodes"] == 2 and cell["episode_seeds"] == [100000, 100001]
     assert cell["eval_device"] == "cpu"  # the default: the CPU suites' latencies are CPU figures
     assert cell["eval_threads"] == 1 and cell["eval_workers"] == 1
+    assert cell["train_device"] == "cpu"
     rows = list(csv.DictReader(open(folder / "results.csv")))
     assert len(rows) == 4 and {"method", "task", "seed", "suite", "successes", "episodes"} <= set(rows[0])
     assert "| dap |" in (folder / "results.md").read_text() and (folder / "fig_button.png").stat().st_size > 0

@@ -499,6 +499,7 @@ class Runner:
 
     def evaluate_cell(self, cell: Cell) -> dict[str, Any]:
         from dapolicy.evaluate import evaluate
+        from dapolicy.training.rundir import RunDir
 
         path = cell_path(self.suite, cell)
         if path.is_file():
@@ -533,6 +534,9 @@ class Runner:
             "episode_scores": [round(float(e["score"]), 4) for e in result["episodes"]],
             "mode": result["settings"]["mode"], "flow_steps": result["settings"]["flow_steps"],
             "eval_device": result["settings"].get("device", self.eval_device),
+            # where the policy trained (a GPU-trained cell of a CPU suite says so; its success is comparable, its
+            # training time is not)
+            "train_device": (RunDir(run).read_config() or {}).get("environment", {}).get("device"),
             # latencies are comparable only between cells with the same threads and workers
             "eval_threads": self.threads or _torch_threads(), "eval_workers": self.workers,
             "config": v.config, "steps": v.steps, "set": v.set, "init_from": v.init_from,
