@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Some rows of the `cpu` suite trained and evaluated on one lent GPU, all (row, seed) runs at once, within a
-# deadline: for the rows too slow for this CPU (PushT at 6,000 policy steps is ~65 min per run at one thread).
+# deadline: for the rows too slow for this CPU (PushT at 6,000 policy steps takes 37-42 min per run at one thread on a fast VM).
 #
 #   ROWS="dap-resnet-6k fm-resnet-6k dp-c-6k" TASK=pusht SEEDS="0 1 2" DATA=path/to/data/pusht \
 #       DEADLINE=480 bash benchmarks/cpu/gpu_rows.sh OUT_DIR
@@ -48,19 +48,21 @@ from pathlib import Path
 from dapolicy.benchmark import Runner, load_suite
 Runner(load_suite(sys.argv[1]), Path(sys.argv[2]), progress=False).ensure_data(sys.argv[3])
 EOF
-source_of() {  # the row whose run this row starts from (`init_from`), or nothing
+source_of() {  # the row whose run this row starts from (`init_from`), or nothing; an unknown row is an error
     "$py" -c 'import sys; from dapolicy.benchmark import load_suite
-print(load_suite(sys.argv[1]).variants[sys.argv[2]].init_from or "")' "$suite" "$1"
+rows = load_suite(sys.argv[1]).variants
+sys.exit(f"gpu_rows.sh: no row {sys.argv[2]!r} in suite {sys.argv[1]!r}") if sys.argv[2] not in rows else None
+print(rows[sys.argv[2]].init_from or "")' "$suite" "$1"
 }
 # rows without a source start at once; the others wait, per seed, for their source run (trained once, then
 # every row that starts from it at once: two processes never train one run folder)
-declare -A waiting=()
+declare -A source=() waiting=()
 for row in $ROWS; do
-    src=$(source_of "$row") || exit 1
-    [ -z "$src" ] || waiting[$src]="${waiting[$src]:-} $row"
+    source[$row]=$(source_of "$row") || exit 1
+    [ -z "${source[$row]}" ] || waiting[${source[$row]}]="${waiting[${source[$row]}]:-} $row"
 done
 for row in $ROWS; do
-    [ -z "$(source_of "$row")" ] && [ -z "${waiting[$row]:-}" ] || continue
+    [ -z "${source[$row]}" ] && [ -z "${waiting[$row]:-}" ] || continue
     for seed in $SEEDS; do bench "$work/logs/${row}_s$seed.log" --only "$row" --seeds "$seed" & sleep 1; done
 done
 for src in "${!waiting[@]}"; do
