@@ -8,6 +8,7 @@ frame, so PSNR vs the final prediction must rise to the cap and the action MSE v
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -226,6 +227,25 @@ def test_copy_baseline_and_action_sensitivity_can_tell_a_model_that_ignores_the_
     res = dg.diagnose(run, windows=4, policy=policy, progress=False)
     assert all(v == 0 for v in res["action_sensitivity"].values())
     assert all(v == pytest.approx(0, abs=1e-9) for v in res["action_psnr_gain_db"].values())
+
+
+def test_strip_shows_the_prediction_for_the_true_and_another_chunk(run_dir, monkeypatch):
+    """The sensitivity can be won by spoiling the frame for an implausible chunk; the strip shows both frames."""
+    from dapolicy.policies import make_policy
+
+    run, _ = run_dir
+    torch.manual_seed(0)
+    policy = make_policy("dap", SPEC, size="tiny").eval()
+    seen = {}
+    real_plot = dg.plot_strip
+    monkeypatch.setattr(dg, "plot_strip", lambda strip, *a: seen.update(strip) or real_plot(strip, *a))
+    res = dg.diagnose(run, windows=4, policy=policy, progress=False)
+    n = seen["real"].shape[0]
+    assert seen["pred_true"].shape == seen["pred_other"].shape == seen["real"].shape and n > 0
+    assert Path(res["strip"]).is_file()
+    for key, psnr in (("pred_true", "psnr_true_action"), ("pred_other", "psnr_other_action")):
+        assert not np.array_equal(seen[key], seen["real"]), key  # a prediction, not the real frame again
+        assert np.isfinite(res[psnr][SPEC.cameras[0]])
 
 
 def test_next_obs_reliance_tells_a_policy_that_reads_the_future_from_one_that_ignores_it(run_dir):

@@ -235,7 +235,9 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
             final_psnr_real.append(_capped_psnr(final, real))
             other = sampler.gather({"action": data.action, "images": data.images},
                                    other_ids[start:start + batch_size])  # one gather for both references
-            for key, value in _frame_baselines(policy, obs, batch, other["action"], real, seed + start).items():
+            predictions: dict[str, np.ndarray] = {}
+            for key, value in _frame_baselines(policy, obs, batch, other["action"], real, seed + start,
+                                               predictions).items():
                 baselines[key].append(value)
             if hasattr(policy, "act_given_next"):
                 for key, value in _next_obs_reliance(policy, obs, real, np.asarray(other["next_images"]),
@@ -244,7 +246,8 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
             if start == 0:
                 n = min(strip_windows, real.shape[0])
                 strip = {"decoded": decoded[:, :n], "final": final[:n], "real": real[:n],
-                         "current": np.asarray(batch["images"])[:n, -1]}
+                         "current": np.asarray(batch["images"])[:n, -1],
+                         **{key: frames[:n] for key, frames in predictions.items()}}
 
     result: dict[str, Any] = {
         "tau": taus,
@@ -296,7 +299,8 @@ BASELINE_KEYS = ("copy_current", "vae_recon", "true_action", "other_action", "pr
 
 
 def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], other_actions: np.ndarray,
-                     real: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+                     real: np.ndarray, seed: int,
+                     predictions: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per window and camera: the references a next-frame prediction must beat, and its action sensitivity.
 
     copy_current: PSNR of simply copying the current frame (a model that ignores time scores this).
@@ -307,6 +311,9 @@ def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], ot
         clearly higher with the true one.
     predicted_change / real_change: mean squared pixel change between the two predictions, and between the
         real next frame and the current frame (the change the demonstrated action caused), in [0, 1] units.
+    predictions: if given, receives the two predicted frames ("pred_true", "pred_other") for the strip. A
+        model can score a high sensitivity by spoiling its frame for an implausible chunk instead of showing
+        the chunk's consequence; only the pictures tell the two apart.
     """
     import torch
 
@@ -318,6 +325,8 @@ def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], ot
         actions, other = np.asarray(batch["action"]), np.asarray(other_actions)
         true_pred = policy.predict_next(obs, actions, generator=torch.Generator().manual_seed(seed))
         other_pred = policy.predict_next(obs, other, generator=torch.Generator().manual_seed(seed))
+        if predictions is not None:
+            predictions.update(pred_true=np.asarray(true_pred), pred_other=np.asarray(other_pred))
         out["true_action"] = _capped_psnr(true_pred, real)
         out["other_action"] = _capped_psnr(other_pred, real)
         to01 = 1.0 / 255.0
@@ -407,7 +416,9 @@ def plot_curves(result: dict[str, Any], path: Path) -> Path:
 
 
 def plot_strip(strip: dict[str, np.ndarray], taus: list[float], cameras: list[str], path: Path) -> Path:
-    """Rows = (window, camera); columns = current frame, decoded Z_hat(tau_k) for every k, final, real next."""
+    """Rows = (window, camera); columns = current frame, decoded Z_hat(tau_k) for every k, final, real next,
+    and (when the strip has them) the dynamics model's prediction given the demonstrated chunk and given
+    another window's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -415,14 +426,16 @@ def plot_strip(strip: dict[str, np.ndarray], taus: list[float], cameras: list[st
 
     decoded = strip["decoded"]  # [K, n, C, S, S, 3]
     k, n, c = decoded.shape[:3]
-    cols = k + 3
+    extra = [(key, title) for key, title in (("pred_true", "true chunk"), ("pred_other", "other chunk"))
+             if key in strip]
+    cols = k + 3 + len(extra)
     fig, axes = plt.subplots(n * c, cols, figsize=(1.1 * cols, 1.2 * n * c), squeeze=False)
     for w in range(n):
         for ci in range(c):
             row = axes[w * c + ci]
             images = [strip["current"][w, ci], *[decoded[j, w, ci] for j in range(k)], strip["final"][w, ci],
-                      strip["real"][w, ci]]
-            titles = ["current", *[f"tau={t:.2f}" for t in taus], "final", "real next"]
+                      strip["real"][w, ci], *[strip[key][w, ci] for key, _ in extra]]
+            titles = ["current", *[f"tau={t:.2f}" for t in taus], "final", "real next", *[t for _, t in extra]]
             for ax, im, title in zip(row, images, titles):
                 ax.imshow(im, interpolation="nearest")
                 ax.set_xticks([])
