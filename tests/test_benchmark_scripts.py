@@ -90,3 +90,13 @@ def test_vae_agent_pixels_refuses_a_method_without_a_vae(pusht_like_run, monkeyp
     monkeypatch.setattr(script, "load_policy", lambda run, device: type("FM", (), {"method": "fm"})())
     with pytest.raises(SystemExit, match="has no image VAE"):
         script.main([str(pusht_like_run)])
+
+
+def test_vae_agent_pixels_names_a_bad_argument(pusht_like_run, tmp_path, capsys):
+    script = load_script("vae_agent_pixels")
+    with pytest.raises(SystemExit):
+        script.main([str(pusht_like_run), "--frames", "0"])
+    assert "--frames must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        script.main([str(tmp_path / "nowhere")])
+    assert stop.value.code == 2 and "nowhere" in capsys.readouterr().err

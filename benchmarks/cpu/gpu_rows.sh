@@ -51,7 +51,8 @@ EOF
 source_of() {  # the row whose run this row starts from (`init_from`), or nothing; an unknown row is an error
     "$py" -c 'import sys; from dapolicy.benchmark import load_suite
 rows = load_suite(sys.argv[1]).variants
-sys.exit(f"gpu_rows.sh: no row {sys.argv[2]!r} in suite {sys.argv[1]!r}") if sys.argv[2] not in rows else None
+if sys.argv[2] not in rows:
+    sys.exit(f"gpu_rows.sh: no row {sys.argv[2]!r} in suite {sys.argv[1]!r}")
 print(rows[sys.argv[2]].init_from or "")' "$suite" "$1"
 }
 # rows without a source start at once; the others wait, per seed, for their source run (trained once, then

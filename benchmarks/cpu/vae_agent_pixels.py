@@ -31,9 +31,8 @@ def agent_mask(images: np.ndarray) -> np.ndarray:
 
 
 def to_unit(images: np.ndarray) -> np.ndarray:
-    """uint8 or [0, 255] float images -> float32 in [0, 1]."""
-    x = np.asarray(images, dtype=np.float32)
-    return x / 255.0 if x.max() > 1.5 else x
+    """uint8 frames (the episode store's and `decode_latents`' format) -> float32 in [0, 1]."""
+    return np.asarray(images, dtype=np.float32) / 255.0
 
 
 def measure(run: str, frames: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -47,10 +46,10 @@ def measure(run: str, frames: int, seed: int) -> tuple[dict, np.ndarray, np.ndar
     with torch.no_grad():
         recon = to_unit(to_numpy(policy.decode_latents(policy.encode_latents(real_raw))))
     real = to_unit(real_raw)
-    in_real = agent_mask(real).sum(axis=(1, 2, 3))
+    mask = agent_mask(real)
+    in_real = mask.sum(axis=(1, 2, 3))
     in_recon = agent_mask(recon).sum(axis=(1, 2, 3))
     with_agent = in_real > 0
-    mask = agent_mask(real)
     result = {
         "run": str(run), "frames": int(len(idx)), "validation_episodes": [int(e) for e in val_ids],
         "agent_pixels_real_mean": float(in_real.mean()),
@@ -90,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, help="write real frames over their reconstructions here")
     parser.add_argument("--json", type=Path, help="write the counts here")
     args = parser.parse_args(argv)
+    if args.frames < 1:
+        parser.error(f"--frames must be at least 1, got {args.frames}")
     torch.set_num_threads(1)
-    result, real, recon = measure(args.run, args.frames, args.seed)
+    try:
+        result, real, recon = measure(args.run, args.frames, args.seed)
+    except (FileNotFoundError, ValueError) as exc:  # a wrong run folder, or data it cannot read
+        parser.exit(2, f"vae_agent_pixels.py: {exc}\n")
     print(f"agent pixels per frame: real {result['agent_pixels_real_mean']:.1f}, reconstructed "
           f"{result['agent_pixels_recon_mean']:.1f}; agent kept (>= half its pixels) in "
           f"{result['frames_agent_kept']}/{result['frames_with_agent']} frames; pixel MSE on the agent "
