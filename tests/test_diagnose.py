@@ -269,3 +269,73 @@ def test_next_obs_reliance_tells_a_policy_that_reads_the_future_from_one_that_ig
             p.zero_()
     rel = dg.diagnose(run, windows=12, policy=policy, progress=False)["next_obs_reliance"]
     assert rel["real"] == pytest.approx(rel["shuffled"], rel=1e-9)
+
+
+def test_change_explained_credits_the_real_change_and_nothing_for_erasing_or_copying():
+    """The honest counterpart of the sensitivity: 1 for the real change, 0 for none, and 0 for a VAE that
+    erases the moving object in both its pictures (the PushT failure), which a comparison with the real
+    current frame would credit with half the change."""
+    background = np.full((1, 8, 8, 3), 40, np.uint8)
+    background[:, ::2] = 90  # stripes, so that "no change" and "the background" differ from a constant
+    current, real = background.copy(), background.copy()
+    current[:, 1:3, 1:3] = 255  # the object here now ...
+    real[:, 5:7, 5:7] = 255  # ... and here next
+    residual_real = float(dg.change_residual(real, current, current, real)[0])
+    real_change = float((((real.astype(float) - current) / 255.0) ** 2).mean())
+    assert dg.change_explained(residual_real, real_change) == pytest.approx(1.0)
+    copy = float(dg.change_residual(current, current, current, real)[0])
+    assert dg.change_explained(copy, real_change) == pytest.approx(0.0)
+    # A VAE that erases the object: the reconstruction and the prediction are both the bare background.
+    erased = float(dg.change_residual(background, background, current, real)[0])
+    assert dg.change_explained(erased, real_change) == pytest.approx(0.0)
+    naive = float(dg.change_residual(background, current, current, real)[0])  # measured from the real frame
+    assert dg.change_explained(naive, real_change) == pytest.approx(0.5)
+    wrong = float(dg.change_residual(np.roll(real, 3, axis=1), current, current, real)[0])
+    assert dg.change_explained(wrong, real_change) < 0  # change that did not happen costs
+
+
+def test_change_explained_ignores_the_other_chunk_so_spoiling_it_cannot_raise_it(run_dir):
+    """A model whose prediction given the true chunk is its reconstruction of the current frame explains none
+    of the change, however different its frame for another chunk is (a high action sensitivity)."""
+    from dapolicy.policies import make_policy
+
+    run, _ = run_dir
+    torch.manual_seed(0)
+    policy = make_policy("dap", SPEC, size="tiny").eval()
+    demo_chunks: list[np.ndarray] = []
+
+    def predict_next(obs, actions, generator=None):
+        recon = dg.to_numpy(policy.decode_latents(policy.encode_latents(np.asarray(obs["images"])[:, -1])))
+        if not demo_chunks:
+            demo_chunks.append(np.asarray(actions))  # diagnose asks for the demonstrated chunk first
+        if np.array_equal(actions, demo_chunks[-1]):
+            return recon
+        return np.full_like(recon, 255)  # a spoiled frame for the other chunk
+
+    policy.predict_next = predict_next
+    res = dg.diagnose(run, windows=4, batch_size=4, policy=policy, progress=False)
+    for cam in SPEC.cameras:
+        assert res["change_explained"]["true"][cam] == pytest.approx(0.0, abs=1e-9)
+        assert res["change_explained"]["other"][cam] < 0
+        assert res["action_sensitivity"][cam] > 1  # the gameable figure is high
+        assert res["change_explained"]["vae"][cam] <= 1.0
+
+
+def test_strip_windows_gathers_over_batches_and_rejects_zero(run_dir, monkeypatch):
+    """`--strip-windows 6` with batches of 4: the strip shows 6 windows, the frames in window order."""
+    from dapolicy.policies import make_policy
+
+    run, _ = run_dir
+    torch.manual_seed(0)
+    policy = make_policy("dap", SPEC, size="tiny").eval()
+    seen = {}
+    real_plot = dg.plot_strip
+    monkeypatch.setattr(dg, "plot_strip", lambda strip, *a: seen.update(strip) or real_plot(strip, *a))
+    dg.diagnose(run, windows=8, batch_size=4, strip_windows=6, policy=policy, progress=False)
+    assert seen["real"].shape[0] == seen["current"].shape[0] == seen["pred_true"].shape[0] == 6
+    assert seen["decoded"].shape[1] == 6
+    first = dict(seen)
+    dg.diagnose(run, windows=8, batch_size=8, strip_windows=6, policy=policy, progress=False)
+    np.testing.assert_array_equal(first["real"], seen["real"])  # the same windows, however they are batched
+    with pytest.raises(ValueError, match="strip_windows"):
+        dg.diagnose(run, windows=8, strip_windows=0, policy=policy, progress=False)

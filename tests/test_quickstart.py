@@ -58,3 +58,12 @@ def test_the_report_shows_the_prediction_gates_when_the_policy_has_them() -> Non
     lines = _prediction_summary({**diag, "prediction_gates": [0.004, -0.012]})
     assert any("+0.004 -0.012" in line for line in lines)
     assert any("-0.012" in line for line in _prediction_summary({"prediction_gates": [-0.012]}))
+
+
+def test_the_report_shows_the_change_the_prediction_explains() -> None:
+    from dapolicy.quickstart import _prediction_summary
+
+    diag = {"final_psnr_vs_real": {"front": 20.0}, "psnr_copy_current": {"front": 19.0}}
+    assert _prediction_summary(diag)[2].endswith("| - |")  # an older diagnose.json without the figure
+    diag["change_explained"] = {"true": {"front": 0.101}, "other": {"front": -0.37}, "vae": {"front": 0.625}}
+    assert _prediction_summary(diag)[2].endswith("| +0.10 (0.62) |")

@@ -164,13 +164,15 @@ def diagnose(run_dir: str | Path, episodes: int | None = None, windows: int = 32
              progress: bool = True, device: str | None = "cpu", threads: int | None = None) -> dict[str, Any]:
     """Compute the Fig. 2 curves on validation windows and write diagnose.json, diagnose.png, strip.png.
 
-    episodes: use at most this many validation episodes; windows: number of (seeded) windows.
+    episodes: use at most this many validation episodes; windows: number of (seeded) windows;
+    strip_windows: how many of them the image strip shows (at most `windows`).
     threads: torch CPU threads meanwhile (None = torch's setting; restored afterwards).
     Returns the JSON payload: per-tau curves (mean over windows) and the final-prediction references.
     """
     from dapolicy.runtime import torch_threads
 
-    for name, value in (("episodes", episodes), ("windows", windows), ("threads", threads)):
+    for name, value in (("episodes", episodes), ("windows", windows), ("threads", threads),
+                        ("strip_windows", strip_windows)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1 (--{name}), got {value}")
     with torch_threads(threads):
@@ -243,11 +245,14 @@ def _diagnose(run_dir: str | Path, episodes: int | None, windows: int, out_dir: 
                 for key, value in _next_obs_reliance(policy, obs, real, np.asarray(other["next_images"]),
                                                      demo, valid, seed + start).items():
                     reliance[key].append(value)
-            if start == 0:
-                n = min(strip_windows, real.shape[0])
-                strip = {"decoded": decoded[:, :n], "final": final[:n], "real": real[:n],
-                         "current": np.asarray(batch["images"])[:n, -1],
-                         **{key: frames[:n] for key, frames in predictions.items()}}
+            shown = strip["real"].shape[0] if strip else 0
+            if shown < strip_windows:  # the strip's windows, gathered over as many batches as it needs
+                n = min(strip_windows - shown, real.shape[0])
+                part = {"decoded": decoded[:, :n], "final": final[:n], "real": real[:n],
+                        "current": np.asarray(batch["images"])[:n, -1],
+                        **{key: frames[:n] for key, frames in predictions.items()}}
+                strip = {key: np.concatenate([strip[key], value], axis=1 if key == "decoded" else 0)
+                         if strip else value for key, value in part.items()}
 
     result: dict[str, Any] = {
         "tau": taus,
@@ -295,7 +300,37 @@ def format_gates(gates: list[float]) -> str:
     return " ".join(f"{g:+.3f}" for g in gates)
 
 
-BASELINE_KEYS = ("copy_current", "vae_recon", "true_action", "other_action", "predicted_change", "real_change")
+BASELINE_KEYS = ("copy_current", "vae_recon", "true_action", "other_action", "predicted_change", "real_change",
+                 "change_residual_true", "change_residual_other", "change_residual_vae")
+#: per-window mean squared pixel quantities ([0, 1] units): averaged over windows, not turned into PSNR
+CHANGE_KEYS = ("predicted_change", "real_change", "change_residual_true", "change_residual_other",
+               "change_residual_vae")
+
+
+def change_residual(predicted: np.ndarray, reference: np.ndarray, current: np.ndarray,
+                    real: np.ndarray) -> np.ndarray:
+    """Per image: mean squared difference between the predicted change and the real change, in [0, 1] units.
+
+    The predicted change is measured from `reference`, the model's own picture of the current frame (its VAE
+    reconstruction), the real change from the current frame to the real next one. Measuring from the
+    reconstruction is what makes the figure honest: a VAE that erases a small object (PushT's agent) erases it
+    in both pictures, so a prediction without it shows no change and earns nothing, where against the real
+    current frame it would be credited with "removing" the object from its old place.
+    """
+    to01 = 1.0 / 255.0
+    predicted_change = (np.asarray(predicted, np.float64) - np.asarray(reference, np.float64)) * to01
+    real_change = (np.asarray(real, np.float64) - np.asarray(current, np.float64)) * to01
+    return ((predicted_change - real_change) ** 2).mean(axis=(-3, -2, -1))
+
+
+def change_explained(residual: float, real_change: float) -> float:
+    """Fraction of the real change a prediction reproduces: 1 - residual / real change (both mean squares).
+
+    1: the prediction shows the real change; 0: it shows none (copying the frame); below 0: it adds change
+    that did not happen. Unlike the action sensitivity it looks only at the prediction given the true chunk,
+    so a model cannot raise it by spoiling its frame for other chunks.
+    """
+    return float(1.0 - residual / max(real_change, 1e-12))
 
 
 def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], other_actions: np.ndarray,
@@ -311,16 +346,24 @@ def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], ot
         clearly higher with the true one.
     predicted_change / real_change: mean squared pixel change between the two predictions, and between the
         real next frame and the current frame (the change the demonstrated action caused), in [0, 1] units.
+    change_residual_true / _other / _vae: `change_residual` of the prediction given the demonstrated chunk,
+        given the other chunk, and of the VAE's reconstruction of the real next frame (the ceiling), each
+        measured from the VAE's reconstruction of the current frame (`change_explained` turns them into
+        fractions of the real change).
     predictions: if given, receives the two predicted frames ("pred_true", "pred_other") for the strip. A
         model can score a high sensitivity by spoiling its frame for an implausible chunk instead of showing
-        the chunk's consequence; only the pictures tell the two apart.
+        the chunk's consequence; the pictures and the change explained by the true chunk tell the two apart.
     """
     import torch
 
     current = np.asarray(batch["images"])[:, -1]
     out = {"copy_current": _capped_psnr(current, real)}
+    reference = current  # the model's own picture of the current frame (its VAE's, if it has one)
     if hasattr(policy, "encode_latents") and hasattr(policy, "decode_latents"):
-        out["vae_recon"] = _capped_psnr(to_numpy(policy.decode_latents(policy.encode_latents(real))), real)
+        real_recon = to_numpy(policy.decode_latents(policy.encode_latents(real)))
+        reference = to_numpy(policy.decode_latents(policy.encode_latents(current)))
+        out["vae_recon"] = _capped_psnr(real_recon, real)
+        out["change_residual_vae"] = change_residual(real_recon, reference, current, real)
     if hasattr(policy, "predict_next"):
         actions, other = np.asarray(batch["action"]), np.asarray(other_actions)
         true_pred = policy.predict_next(obs, actions, generator=torch.Generator().manual_seed(seed))
@@ -332,6 +375,8 @@ def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], ot
         to01 = 1.0 / 255.0
         out["predicted_change"] = (((true_pred - other_pred.astype(np.float64)) * to01) ** 2).mean(axis=(-3, -2, -1))
         out["real_change"] = (((real - current.astype(np.float64)) * to01) ** 2).mean(axis=(-3, -2, -1))
+        out["change_residual_true"] = change_residual(true_pred, reference, current, real)
+        out["change_residual_other"] = change_residual(other_pred, reference, current, real)
     return out
 
 
@@ -353,17 +398,23 @@ def _next_obs_reliance(policy: Any, obs: dict[str, Any], real: np.ndarray, other
 
 
 def _summarize_baselines(baselines: dict[str, list[np.ndarray]], cameras: list[str]) -> dict[str, Any]:
-    """Per camera means of the references, plus `action_psnr_gain_db` and `action_sensitivity`."""
+    """Per camera means of the references, plus `action_psnr_gain_db`, `action_sensitivity` and
+    `change_explained` (true chunk / other chunk / VAE ceiling; ratios of means over windows, so windows where
+    little moves do not dominate)."""
     out: dict[str, Any] = {}
     means = {k: np.concatenate(v, axis=0).mean(axis=0) for k, v in baselines.items() if v}
     for key, values in means.items():
-        out[f"{'psnr_' if key not in ('predicted_change', 'real_change') else ''}{key}"] = {
+        out[f"{'psnr_' if key not in CHANGE_KEYS else ''}{key}"] = {
             cam: float(values[i]) for i, cam in enumerate(cameras)}
     if "true_action" in means:
         out["action_psnr_gain_db"] = {cam: float(means["true_action"][i] - means["other_action"][i])
                                       for i, cam in enumerate(cameras)}
         out["action_sensitivity"] = {cam: float(means["predicted_change"][i] / max(means["real_change"][i], 1e-12))
                                      for i, cam in enumerate(cameras)}
+        out["change_explained"] = {
+            source: {cam: change_explained(means[f"change_residual_{source}"][i], means["real_change"][i])
+                     for i, cam in enumerate(cameras)}
+            for source in ("true", "other", "vae") if f"change_residual_{source}" in means}
     return out
 
 
@@ -463,6 +514,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default=None,
                         help="generation mode (default: the model's; DAP: jacobi, gauss_seidel, predict_then_act, off)")
     parser.add_argument("--flow-steps", type=opt.positive_int, default=None, help="flow steps K (default: the model's)")
+    parser.add_argument("--strip-windows", type=opt.positive_int, default=3,
+                        help="windows shown in strip.png (default 3; at most --windows)")
     opt.add_seed(parser, 0, "seed of the window choice and the sampling noise (default 0)")
     opt.add_device(parser)
     opt.add_threads(parser, opt.EVAL_THREADS, opt.EVAL_THREADS_HELP)
@@ -472,6 +525,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = diagnose(args.run, episodes=args.episodes, windows=args.windows, out_dir=args.out,
                       data_path=args.data, mode=args.mode, flow_steps=args.flow_steps, seed=args.seed,
+                      strip_windows=args.strip_windows,
                       device=args.device, threads=args.threads, progress=not args.quiet)
     print(f"tau:                     {' '.join(f'{t:6.2f}' for t in result['tau'])}")
     for cam, curve in result.get("psnr_vs_real", {}).items():
@@ -485,6 +539,12 @@ def run(args: argparse.Namespace) -> int:
                  f"{result['psnr_other_action'][cam]:.2f} dB (gain {result['action_psnr_gain_db'][cam]:+.2f}), "
                  f"action sensitivity {result['action_sensitivity'][cam]:.2f}" if "action_psnr_gain_db" in result
                  else ""))
+        explained = result.get("change_explained", {})
+        if "true" in explained:
+            print(f"{cam[:12]:>12}: change explained, true chunk {explained['true'][cam]:+.3f}, other chunk "
+                  f"{explained['other'][cam]:+.3f}"
+                  + (f", VAE ceiling {explained['vae'][cam]:+.3f}" if "vae" in explained else "")
+                  + " (1 = the real change o_t -> o_t+k, 0 = none, as copying the frame)")
     print(f"action MSE vs demo:      {' '.join(f'{v:6.3f}' for v in result['action_mse_vs_demo'])}")
     if "next_obs_reliance" in result:
         r = result["next_obs_reliance"]
