@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dapolicy.nn.vae import VAE, LatentCodec, VAEConfig
+from dapolicy.nn.vae import VAE, LatentCodec, VAEConfig, foreground_weights
 
 TINY = VAEConfig(base_channels=8, channel_mults=(1, 2, 2, 2), groups=4)
 
@@ -108,3 +108,67 @@ def test_parameter_count_scales_with_width():
     assert tiny < 200_000
     assert 1_000_000 < small < 3_000_000
     assert count(VAEConfig(base_channels=64)) > 3 * small
+
+
+def dots(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames [n, 1, 3, S, S] of a static striped scene with a 2x2 white dot at a random place, and the dot's
+    mask [n, 1, 1, S, S]: PushT's agent in miniature."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((n, 1, 3, size, size), -0.6)
+    x[..., ::4, :] = -0.2
+    mask = torch.zeros(n, 1, 1, size, size, dtype=torch.bool)
+    for i in range(n):
+        r, c = (int(v) for v in torch.randint(0, size - 2, (2,), generator=g))
+        x[i, 0, :, r:r + 2, c:c + 2] = 1.0
+        mask[i, 0, 0, r:r + 2, c:c + 2] = True
+    return x, mask
+
+
+def test_foreground_weights_mark_what_moves_and_not_the_static_scene():
+    x, mask = dots(16)
+    w = foreground_weights(x, weight=9.0, threshold=0.1)
+    assert w.shape == (16, 1, 1, 16, 16)
+    assert torch.equal(w > 1, mask)  # the dot, and nothing of the stripes
+    assert set(w.unique().tolist()) == {1.0, 10.0}
+    with pytest.raises(ValueError, match="cameras"):
+        foreground_weights(x[:, 0], 9.0, 0.1)
+    with pytest.raises(ValueError, match="foreground_weight"):
+        VAEConfig(foreground_weight=-1.0)
+
+
+def test_weighted_loss_reports_the_plain_mse_and_equals_it_for_unit_weights():
+    x = squares(4)
+    vae = VAE(TINY)
+    torch.manual_seed(0)
+    plain = vae.loss(x)
+    torch.manual_seed(0)
+    unit = vae.loss(x, torch.ones(4, 1, 32, 32))
+    assert torch.allclose(plain["loss"], unit["loss"]) and torch.allclose(plain["recon"], unit["recon"])
+    weight = torch.ones(4, 1, 32, 32)
+    weight[..., :8, :8] = 50.0
+    torch.manual_seed(0)
+    heavy = vae.loss(x, weight)
+    assert torch.allclose(heavy["recon"], plain["recon"]) and not torch.allclose(heavy["loss"], plain["loss"])
+
+
+def test_foreground_weight_keeps_a_small_moving_object_a_plain_mse_erases():
+    """The reason for the option: trained alike, the weighted VAE reconstructs the dot far better."""
+    x, mask = dots(64)
+    errors = {}
+    for weight in (0.0, 30.0):
+        torch.manual_seed(0)
+        cfg = VAEConfig(base_channels=8, channel_mults=(1, 2, 2), groups=4, foreground_weight=weight)
+        vae = VAE(cfg)
+        opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+        for step in range(60):
+            batch = x[(torch.arange(32) + 32 * (step % 2)) % 64]
+            w = foreground_weights(batch, weight, 0.1).flatten(0, 1) if weight else None
+            loss = vae.loss(batch.flatten(0, 1), w)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(x.flatten(0, 1))[0])
+        err = (recon - x.flatten(0, 1)).pow(2).mean(dim=1, keepdim=True)
+        errors[weight] = err[mask.flatten(0, 1)].mean().item()
+    assert errors[30.0] < 0.5 * errors[0.0], errors

@@ -197,6 +197,19 @@ def test_losses_are_finite_and_backpropagate(method, encoder):
     assert ("dynamics" in policy.stage_names) == (method == "dap")
 
 
+def test_vae_stage_weights_the_foreground_when_asked():
+    """`vae.foreground_weight` (set like any field) reaches the VAE stage's loss; "recon" stays the plain MSE."""
+    batch = {"images": _batch(4)["images"][:, -1]}
+    plain = _policy("dap").train()
+    torch.manual_seed(0)
+    base = plain.compute_loss(batch, "vae")
+    weighted = _policy("dap", **{"vae.foreground_weight": 20.0}).train()
+    torch.manual_seed(0)
+    out = weighted.compute_loss(batch, "vae")
+    assert "recon_weighted" in out and "recon_weighted" not in base
+    assert torch.allclose(out["recon"], base["recon"]) and not torch.allclose(out["loss"], base["loss"])
+
+
 def test_named_configs_build_and_paper_is_paper_sized():
     from dapolicy.info import default_spec
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from dapolicy.flow import FlowConfig, flow_loss, sample_tau, training_pair
 from dapolicy.nn.encoders import ResNetGNConfig
 from dapolicy.nn.unet1d import UNet1DConfig
-from dapolicy.nn.vae import VAE, VAEConfig
+from dapolicy.nn.vae import VAE, VAEConfig, foreground_weights
 from dapolicy.policies.base import (
     Capabilities,
     ChunkPrediction,
@@ -238,8 +238,11 @@ class FMPolicy(Policy):
     def compute_loss(self, batch: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
         self.stage_spec(stage)
         if stage == "vae":
-            images = require(batch, "images", 5)
-            return dict(self.vae.loss(images_to_float(images.flatten(0, 1))))
+            frames = images_to_float(require(batch, "images", 5))  # [B, cameras, 3, S, S]
+            cfg = self.config.vae
+            weight = (foreground_weights(frames, cfg.foreground_weight, cfg.foreground_threshold).flatten(0, 1)
+                      if cfg.foreground_weight > 0 else None)
+            return dict(self.vae.loss(frames.flatten(0, 1), weight))
         return self._policy_loss(batch)
 
     def _policy_loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
