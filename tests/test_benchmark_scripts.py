@@ -19,8 +19,8 @@ SPEC = EnvSpec(name="synthetic", cameras=("top",), image_size=16, action_dim=2, 
 AGENT_PIXELS = 4  # a 2 x 2 blue square on white
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "cpu" / f"{name}.py")
+def load_script(name: str, suite: str = "cpu"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / suite / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -100,3 +100,19 @@ def test_vae_agent_pixels_names_a_bad_argument(pusht_like_run, tmp_path, capsys)
     with pytest.raises(SystemExit) as stop:
         script.main([str(tmp_path / "nowhere")])
     assert stop.value.code == 2 and "nowhere" in capsys.readouterr().err
+
+
+def test_gated_vs_joint_latency_writes_the_three_variants_and_their_ratios(tmp_path, monkeypatch):
+    script = load_script("gated_vs_joint", "latency")
+    out = tmp_path / "latency.json"
+    monkeypatch.setattr("sys.argv", ["gated_vs_joint.py", "--config", "tiny", "--steps", "2", "--reps", "2",
+                                     "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)
+    row = json.loads(out.read_text())["by_batch"]["1"]
+    for name in ("dap-gated", "dap-joint", "fm"):
+        assert row[name]["n"] == 2 and 0 < row[name]["p50_ms"] <= row[name]["p90_ms"] + 1e-9
+    assert row["ratio_gated_over_fm"] == pytest.approx(row["dap-gated"]["p50_ms"] / row["fm"]["p50_ms"])

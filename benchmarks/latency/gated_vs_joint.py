@@ -12,10 +12,10 @@ import argparse
 import json
 import os
 
-import numpy as np
 import torch
 
 from dapolicy import bench
+from dapolicy.atomic import write_json_atomic
 from dapolicy.info import default_spec
 from dapolicy.policies import make_config
 from dapolicy.policies.registry import make_policy
@@ -52,7 +52,7 @@ def main() -> None:
                  "machine": bench.machine_info(args.device), "by_batch": {}}
     for c, t in zip(cases, times):
         row = out["by_batch"].setdefault(str(c.labels["batch"]), {})
-        row[c.labels["name"]] = {"p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90))}
+        row[c.labels["name"]] = bench.latency_stats(t)
     for row in out["by_batch"].values():
         row["ratio_gated_over_joint"] = row["dap-gated"]["p50_ms"] / row["dap-joint"]["p50_ms"]
         row["ratio_gated_over_fm"] = row["dap-gated"]["p50_ms"] / row["fm"]["p50_ms"]
@@ -60,8 +60,7 @@ def main() -> None:
     out["load_avg_after"] = os.getloadavg()
     print(json.dumps(out["by_batch"], indent=1))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json_atomic(args.out, out)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def time_interleaved(cases: list[Case], reps: int, warmup: int = 3, seed: int = 
     return times
 
 
-def _stats(ms: list[float]) -> dict[str, float]:
+def latency_stats(ms: list[float]) -> dict[str, float]:
+    """p50 / p90 / mean / min of per-chunk times in ms, and their count: the summary every latency table uses."""
     return {"p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(np.mean(ms)),
             "min_ms": float(np.min(ms)), "n": len(ms)}
 
@@ -198,7 +199,7 @@ def bench_latency(size: str = "small", device: str = "cpu", batches: list[int] |
                                  idle_ms=idle_ms)
     finally:
         torch.set_num_threads(restore)
-    results = [{**c.labels, **_stats(t)} for c, t in zip(cases, times)]
+    results = [{**c.labels, **latency_stats(t)} for c, t in zip(cases, times)]
     from dapolicy.policies.fast_sampler import get_options
 
     return {"kind": "latency", "config": size, "reps": reps, "protocol": protocol, "idle_ms": idle_ms,
@@ -334,7 +335,7 @@ def bench_train(size: str = "small", device: str = "cpu", reps: int = 5, methods
     times = time_interleaved(cases, reps, warmup=warmup, sync=_sync_fn(device), protocol="cold")
     results = []
     for case, ms in zip(cases, times):
-        st = _stats(ms)
+        st = latency_stats(ms)
         results.append({**case.labels, **st, "samples_per_s": case.labels["batch_size"] / (st["p50_ms"] / 1e3)})
     return {"kind": "train", "config": size, "reps": reps, "machine": info,
             "load_avg_after": machine_info(device).get("load_avg_1_5_15"), "results": results}

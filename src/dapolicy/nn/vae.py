@@ -290,8 +290,8 @@ class VAE(nn.Module):
         if pixel_weight is None:
             return {"loss": recon + self.cfg.kl_weight * kl, "recon": recon, "kl": kl}
         weighted = (error * pixel_weight).mean() / pixel_weight.mean()
-        return {"loss": weighted + self.cfg.kl_weight * kl, "recon": recon.detach(), "recon_weighted": weighted.detach(),
-                "kl": kl}
+        return {"loss": weighted + self.cfg.kl_weight * kl, "recon": recon.detach(),
+                "recon_weighted": weighted.detach(), "kl": kl}
 
     # ---------------------------------------------------------------- scaled latent space
     @torch.no_grad()
