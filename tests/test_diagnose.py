@@ -339,3 +339,19 @@ def test_strip_windows_gathers_over_batches_and_rejects_zero(run_dir, monkeypatc
     np.testing.assert_array_equal(first["real"], seen["real"])  # the same windows, however they are batched
     with pytest.raises(ValueError, match="strip_windows"):
         dg.diagnose(run, windows=8, strip_windows=0, policy=policy, progress=False)
+
+
+def test_cli_prints_the_change_explained_per_camera(run_dir, capsys):
+    """`dap diagnose RUN/model --strip-windows 2`: the printed summary has the new line for every camera."""
+    from dapolicy.cli import main
+    from dapolicy.policies import make_policy
+
+    run, _ = run_dir
+    torch.manual_seed(0)
+    make_policy("dap", SPEC, size="tiny").save_pretrained(run / "model")
+    assert main(["diagnose", str(run / "model"), "--windows", "3", "--strip-windows", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "change explained, true chunk" in line]
+    assert len(lines) == len(SPEC.cameras) and "VAE ceiling" in lines[0]
+    saved = json.loads((run / "diagnose" / "diagnose.json").read_text())  # RUN/diagnose for RUN/model
+    assert set(saved["change_explained"]) == {"true", "other", "vae"}
