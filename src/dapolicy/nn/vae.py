@@ -284,12 +284,12 @@ class VAE(nn.Module):
         """
         mean, logvar = self.encode(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        error = (self.decoder(z) - x).pow(2)
-        recon = error.mean()
+        decoded = self.decoder(z)
+        recon = F.mse_loss(decoded, x)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         if pixel_weight is None:
             return {"loss": recon + self.cfg.kl_weight * kl, "recon": recon, "kl": kl}
-        weighted = (error * pixel_weight).mean() / pixel_weight.mean()
+        weighted = ((decoded - x).pow(2) * pixel_weight).mean() / pixel_weight.mean()
         return {"loss": weighted + self.cfg.kl_weight * kl, "recon": recon.detach(),
                 "recon_weighted": weighted.detach(), "kl": kl}
 
