@@ -229,6 +229,14 @@ def test_copy_baseline_and_action_sensitivity_can_tell_a_model_that_ignores_the_
     assert all(v == pytest.approx(0, abs=1e-9) for v in res["action_psnr_gain_db"].values())
 
 
+def capture_strip(monkeypatch) -> dict:
+    """The arrays `diagnose` hands to `plot_strip` (filled when it plots; the strip is still drawn)."""
+    seen: dict = {}
+    real_plot = dg.plot_strip
+    monkeypatch.setattr(dg, "plot_strip", lambda strip, *a: seen.update(strip) or real_plot(strip, *a))
+    return seen
+
+
 def test_strip_shows_the_prediction_for_the_true_and_another_chunk(run_dir, monkeypatch):
     """The sensitivity can be won by spoiling the frame for an implausible chunk; the strip shows both frames."""
     from dapolicy.policies import make_policy
@@ -236,9 +244,7 @@ def test_strip_shows_the_prediction_for_the_true_and_another_chunk(run_dir, monk
     run, _ = run_dir
     torch.manual_seed(0)
     policy = make_policy("dap", SPEC, size="tiny").eval()
-    seen = {}
-    real_plot = dg.plot_strip
-    monkeypatch.setattr(dg, "plot_strip", lambda strip, *a: seen.update(strip) or real_plot(strip, *a))
+    seen = capture_strip(monkeypatch)
     res = dg.diagnose(run, windows=4, policy=policy, progress=False)
     n = seen["real"].shape[0]
     assert seen["pred_true"].shape == seen["pred_other"].shape == seen["real"].shape and n > 0
@@ -328,9 +334,7 @@ def test_strip_windows_gathers_over_batches_and_rejects_zero(run_dir, monkeypatc
     run, _ = run_dir
     torch.manual_seed(0)
     policy = make_policy("dap", SPEC, size="tiny").eval()
-    seen = {}
-    real_plot = dg.plot_strip
-    monkeypatch.setattr(dg, "plot_strip", lambda strip, *a: seen.update(strip) or real_plot(strip, *a))
+    seen = capture_strip(monkeypatch)
     dg.diagnose(run, windows=8, batch_size=4, strip_windows=6, policy=policy, progress=False)
     assert seen["real"].shape[0] == seen["current"].shape[0] == seen["pred_true"].shape[0] == 6
     assert seen["decoded"].shape[1] == 6
