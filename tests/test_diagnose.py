@@ -325,6 +325,48 @@ def test_change_explained_ignores_the_other_chunk_so_spoiling_it_cannot_raise_it
         assert res["change_explained"]["other"][cam] < 0
         assert res["action_sensitivity"][cam] > 1  # the gameable figure is high
         assert res["change_explained"]["vae"][cam] <= 1.0
+        # its no-action frame is spoiled too (None is not the demo chunk): that earns the action nothing
+        assert res["change_explained"]["no_action"][cam] < 0
+        assert res["change_explained"]["action"][cam] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_change_explained_by_action_is_what_the_chunk_adds_over_an_action_free_prediction():
+    assert dg.change_explained_by_action(0.3, 0.1) == pytest.approx(0.2)
+    assert dg.change_explained_by_action(0.3, -0.5) == pytest.approx(0.3)  # spoiling the no-action frame: no credit
+    assert dg.change_explained_by_action(0.1, 0.1) == pytest.approx(0.0)  # a model that ignores the action
+    assert dg.change_explained_by_action(-0.2, -0.2) == pytest.approx(0.0)  # ... even one worse than copying
+    assert dg.change_explained_by_action(0.0, -0.5) == pytest.approx(0.0)
+
+
+def test_change_explained_by_action_credits_a_model_whose_chunk_shows_the_future(run_dir, monkeypatch):
+    """Given a chunk the model shows its VAE's picture of the real next frame; without an action, that of the
+    current frame. The action's part is then the whole of the true chunk's (the VAE ceiling); the same model
+    answering with the future whatever the action (None included) scores 0."""
+    from dapolicy.policies import make_policy
+
+    run, _ = run_dir
+    torch.manual_seed(0)
+    policy = make_policy("dap", SPEC, size="tiny").eval()
+    recon = lambda frames: dg.to_numpy(policy.decode_latents(policy.encode_latents(np.asarray(frames))))  # noqa: E731
+    future: dict = {}
+    original = dg._frame_baselines
+
+    def remembering_the_future(policy_, obs, batch, other_actions, real, seed, predictions=None):
+        future["next"] = real  # the real next frames of this batch, for the fake predictions below
+        return original(policy_, obs, batch, other_actions, real, seed, predictions)
+
+    monkeypatch.setattr(dg, "_frame_baselines", remembering_the_future)
+    policy.predict_next = lambda obs, actions, generator=None: recon(
+        future["next"] if actions is not None else np.asarray(obs["images"])[:, -1])
+    sees = dg.diagnose(run, windows=4, batch_size=4, policy=policy, progress=False)["change_explained"]
+    policy.predict_next = lambda obs, actions, generator=None: recon(future["next"])
+    blind = dg.diagnose(run, windows=4, batch_size=4, policy=policy, progress=False)["change_explained"]
+    for cam in SPEC.cameras:
+        assert sees["true"][cam] == pytest.approx(sees["vae"][cam])  # (an untrained VAE: a ceiling below 0)
+        assert sees["no_action"][cam] == pytest.approx(0.0, abs=1e-9)
+        assert sees["action"][cam] == pytest.approx(sees["true"][cam]) and abs(sees["action"][cam]) > 1e-3
+        assert blind["true"][cam] == pytest.approx(sees["true"][cam])
+        assert blind["action"][cam] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_strip_windows_gathers_over_batches_and_rejects_zero(run_dir, monkeypatch):
@@ -358,4 +400,5 @@ def test_cli_prints_the_change_explained_per_camera(run_dir, capsys):
     lines = [line for line in out.splitlines() if "change explained, true chunk" in line]
     assert len(lines) == len(SPEC.cameras) and "VAE ceiling" in lines[0]
     saved = json.loads((run / "diagnose" / "diagnose.json").read_text())  # RUN/diagnose for RUN/model
-    assert set(saved["change_explained"]) == {"true", "other", "vae"}
+    assert set(saved["change_explained"]) == {"true", "other", "no_action", "action", "vae"}
+    assert "the action's own part" in lines[0]

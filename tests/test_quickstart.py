@@ -66,4 +66,6 @@ def test_the_report_shows_the_change_the_prediction_explains() -> None:
     diag = {"final_psnr_vs_real": {"front": 20.0}, "psnr_copy_current": {"front": 19.0}}
     assert _prediction_summary(diag)[2].endswith("| - |")  # an older diagnose.json without the figure
     diag["change_explained"] = {"true": {"front": 0.101}, "other": {"front": -0.37}, "vae": {"front": 0.625}}
-    assert _prediction_summary(diag)[2].endswith("| +0.10 (0.62) |")
+    assert _prediction_summary(diag)[2].endswith("| +0.10 (0.62) |")  # one without the action's part
+    diag["change_explained"].update(no_action={"front": 0.06}, action={"front": 0.041})
+    assert _prediction_summary(diag)[2].endswith("| +0.10 / +0.04 (0.62) |")

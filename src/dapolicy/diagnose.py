@@ -301,10 +301,10 @@ def format_gates(gates: list[float]) -> str:
 
 
 BASELINE_KEYS = ("copy_current", "vae_recon", "true_action", "other_action", "predicted_change", "real_change",
-                 "change_residual_true", "change_residual_other", "change_residual_vae")
+                 "change_residual_true", "change_residual_other", "change_residual_no_action", "change_residual_vae")
 #: per-window mean squared pixel quantities ([0, 1] units): averaged over windows, not turned into PSNR
 CHANGE_KEYS = ("predicted_change", "real_change", "change_residual_true", "change_residual_other",
-               "change_residual_vae")
+               "change_residual_no_action", "change_residual_vae")
 
 
 def change_residual(predicted: np.ndarray, reference: np.ndarray, current: np.ndarray,
@@ -333,6 +333,18 @@ def change_explained(residual: float, real_change: float) -> float:
     return float(1.0 - residual / max(real_change, 1e-12))
 
 
+def change_explained_by_action(true: float, no_action: float) -> float:
+    """The part of the change only the action explains: the true chunk's `change_explained` minus that of the
+    model's own no-action prediction, capped at what the true chunk explains at all (and at 0 if that is
+    negative).
+
+    Why not true minus other chunk: a model that spoils its frame for other chunks drives that term below 0
+    and would be credited for it. The cap does the same for a spoiled no-action frame; a model that ignores
+    the action scores 0.
+    """
+    return float(min(true - no_action, max(true, 0.0)))
+
+
 def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], other_actions: np.ndarray,
                      real: np.ndarray, seed: int,
                      predictions: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -346,8 +358,9 @@ def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], ot
         clearly higher with the true one.
     predicted_change / real_change: mean squared pixel change between the two predictions, and between the
         real next frame and the current frame (the change the demonstrated action caused), in [0, 1] units.
-    change_residual_true / _other / _vae: `change_residual` of the prediction given the demonstrated chunk,
-        given the other chunk, and of the VAE's reconstruction of the real next frame (the ceiling), each
+    change_residual_true / _other / _no_action / _vae: `change_residual` of the prediction given the
+        demonstrated chunk, given the other chunk, in the model's action-free mode (the null action token: what
+        the scene alone predicts), and of the VAE's reconstruction of the real next frame (the ceiling), each
         measured from the VAE's reconstruction of the current frame (`change_explained` turns them into
         fractions of the real change).
     predictions: if given, receives the two predicted frames ("pred_true", "pred_other") for the strip. A
@@ -377,6 +390,8 @@ def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], ot
         out["real_change"] = (((real - current.astype(np.float64)) * to01) ** 2).mean(axis=(-3, -2, -1))
         out["change_residual_true"] = change_residual(true_pred, reference, current, real)
         out["change_residual_other"] = change_residual(other_pred, reference, current, real)
+        no_action_pred = policy.predict_next(obs, None, generator=torch.Generator().manual_seed(seed))
+        out["change_residual_no_action"] = change_residual(no_action_pred, reference, current, real)
     return out
 
 
@@ -399,8 +414,9 @@ def _next_obs_reliance(policy: Any, obs: dict[str, Any], real: np.ndarray, other
 
 def _summarize_baselines(baselines: dict[str, list[np.ndarray]], cameras: list[str]) -> dict[str, Any]:
     """Per camera means of the references, plus `action_psnr_gain_db`, `action_sensitivity` and
-    `change_explained` (true chunk / other chunk / VAE ceiling; ratios of means over windows, so windows where
-    little moves do not dominate)."""
+    `change_explained` (true chunk / other chunk / no action / VAE ceiling, and `action`: the part only the
+    action explains, `change_explained_by_action`; ratios of means over windows, so windows where little moves
+    do not dominate)."""
     out: dict[str, Any] = {}
     means = {k: np.concatenate(v, axis=0).mean(axis=0) for k, v in baselines.items() if v}
     for key, values in means.items():
@@ -414,7 +430,11 @@ def _summarize_baselines(baselines: dict[str, list[np.ndarray]], cameras: list[s
         out["change_explained"] = {
             source: {cam: change_explained(means[f"change_residual_{source}"][i], means["real_change"][i])
                      for i, cam in enumerate(cameras)}
-            for source in ("true", "other", "vae") if f"change_residual_{source}" in means}
+            for source in ("true", "other", "no_action", "vae") if f"change_residual_{source}" in means}
+        explained = out["change_explained"]
+        if "no_action" in explained:
+            explained["action"] = {cam: change_explained_by_action(explained["true"][cam], explained["no_action"][cam])
+                                   for cam in cameras}
     return out
 
 
@@ -543,6 +563,8 @@ def run(args: argparse.Namespace) -> int:
         if "true" in explained:
             print(f"{cam[:12]:>12}: change explained, true chunk {explained['true'][cam]:+.3f}, other chunk "
                   f"{explained['other'][cam]:+.3f}"
+                  + (f", no action {explained['no_action'][cam]:+.3f} (the action's own part "
+                     f"{explained['action'][cam]:+.3f})" if "action" in explained else "")
                   + (f", VAE ceiling {explained['vae'][cam]:+.3f}" if "vae" in explained else "")
                   + " (1 = the real change o_t -> o_t+k, 0 = none, as copying the frame)")
     print(f"action MSE vs demo:      {' '.join(f'{v:6.3f}' for v in result['action_mse_vs_demo'])}")

@@ -207,13 +207,16 @@ def _prediction_summary(diag: dict[str, Any]) -> list[str]:
     if "final_psnr_vs_real" not in diag:
         return gate_line
     lines = ["| camera | predicted next frame | copy current frame | VAE reconstruction | gain from the true "
-             "action | action sensitivity | change explained (VAE ceiling) |", "|---|---|---|---|---|---|---|"]
+             "action | action sensitivity | change explained: all / the action's part (VAE ceiling) |",
+             "|---|---|---|---|---|---|---|"]
     explained = diag.get("change_explained", {})
     for cam, final in diag["final_psnr_vs_real"].items():
         def get(key: str, fmt: str = ".1f", unit: str = " dB") -> str:
             value = diag.get(key, {}).get(cam)
             return "-" if value is None else f"{value:{fmt}}{unit}"
-        change = (f"{explained['true'][cam]:+.2f}" + (f" ({explained['vae'][cam]:.2f})" if "vae" in explained else "")
+        change = (f"{explained['true'][cam]:+.2f}"
+                  + (f" / {explained['action'][cam]:+.2f}" if "action" in explained else "")
+                  + (f" ({explained['vae'][cam]:.2f})" if "vae" in explained else "")
                   if "true" in explained else "-")
         lines.append(f"| {cam} | {final:.1f} dB | {get('psnr_copy_current')} | {get('psnr_vae_recon')} | "
                      f"{get('action_psnr_gain_db', '+.2f')} | {get('action_sensitivity', '.2f', '')} | {change} |")
