@@ -136,6 +136,16 @@ def test_foreground_weights_mark_what_moves_and_not_the_static_scene():
         VAEConfig(foreground_weight=-1.0)
 
 
+def test_a_camera_without_a_static_scene_keeps_unit_weights():
+    """A second camera that moves itself (every frame a different random image): nearly every pixel differs
+    from the median, so that camera is left unweighted; the fixed camera beside it keeps its dot."""
+    x, mask = dots(16)
+    moving_camera = torch.rand((16, 1, 3, 16, 16), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    w = foreground_weights(torch.cat([x, moving_camera], dim=1), weight=9.0, threshold=0.1)
+    assert torch.equal(w[:, 0] > 1, mask[:, 0])
+    assert torch.all(w[:, 1] == 1.0)
+
+
 def test_weighted_loss_reports_the_plain_mse_and_equals_it_for_unit_weights():
     x = squares(4)
     vae = VAE(TINY)

@@ -37,18 +37,25 @@ class LatentCodec(Protocol):
     def from_latent(self, z: Tensor) -> Tensor: ...
 
 
+#: a camera with more foreground than this share of its pixels over the batch has no static scene
+MAX_FOREGROUND_SHARE = 0.5
+
+
 def foreground_weights(frames: Tensor, weight: float, threshold: float) -> Tensor:
     """Loss weights [B, C, 1, S, S] for a batch of frames [B, C, 3, S, S] in [-1, 1] (C cameras): 1 + weight
     where a pixel differs from the static scene, 1 elsewhere.
 
     The static scene is each camera's per-pixel median over the batch: with frames drawn from many episodes and
-    times, whatever moves (the agent, the object) sits at a given pixel in fewer than half of them.
+    times, whatever moves (the agent, the object) sits at a given pixel in fewer than half of them. A camera
+    that moves itself (a wrist camera) has no such scene: where more than `MAX_FOREGROUND_SHARE` of its pixels
+    count as foreground, its weights stay 1 rather than weighting nearly everything alike.
     """
     if frames.ndim != 5:
         raise ValueError(f"foreground_weights needs frames [B, cameras, 3, S, S], got shape {tuple(frames.shape)}")
     background = frames.median(dim=0, keepdim=True).values
     moving = (frames - background).abs().mean(dim=-3, keepdim=True) > threshold
-    return 1.0 + weight * moving.to(frames.dtype)
+    has_static_scene = moving.to(frames.dtype).mean(dim=(0, 2, 3, 4), keepdim=True) <= MAX_FOREGROUND_SHARE
+    return 1.0 + weight * (moving & has_static_scene).to(frames.dtype)
 
 
 @dataclass
@@ -73,7 +80,8 @@ class VAEConfig:
     foreground_weight: extra weight of the pixels that differ from the static scene (`foreground_weights`)
         in the reconstruction loss; 0 = plain pixel MSE. Why: a small moving object (PushT's agent covers 11
         of 4,096 pixels) costs a plain MSE almost nothing to erase, and an erased object is one no dynamics
-        model can move. The static scene is the per-camera median of the batch's frames, so nothing is fitted.
+        model can move. The static scene is the per-camera median of the batch's frames, so nothing is fitted;
+        a camera that moves with the robot has none and keeps plain MSE (`foreground_weights`).
     foreground_threshold: a pixel is foreground where its mean absolute difference from that median over the
         colour channels exceeds this (images in [-1, 1]).
     """
