@@ -367,6 +367,9 @@ def test_change_explained_by_action_credits_a_model_whose_chunk_shows_the_future
         assert sees["action"][cam] == pytest.approx(sees["true"][cam]) and abs(sees["action"][cam]) > 1e-3
         assert blind["true"][cam] == pytest.approx(sees["true"][cam])
         assert blind["action"][cam] == pytest.approx(0.0, abs=1e-9)
+    policy.config.action_dropout = 0.0  # no trained no-action mode: no figure rather than a meaningless one
+    untrained = dg.diagnose(run, windows=4, batch_size=4, policy=policy, progress=False)["change_explained"]
+    assert "no_action" not in untrained and "action" not in untrained and "true" in untrained
 
 
 def test_strip_windows_gathers_over_batches_and_rejects_zero(run_dir, monkeypatch):

@@ -360,9 +360,9 @@ def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], ot
         real next frame and the current frame (the change the demonstrated action caused), in [0, 1] units.
     change_residual_true / _other / _no_action / _vae: `change_residual` of the prediction given the
         demonstrated chunk, given the other chunk, in the model's action-free mode (the null action token: what
-        the scene alone predicts), and of the VAE's reconstruction of the real next frame (the ceiling), each
-        measured from the VAE's reconstruction of the current frame (`change_explained` turns them into
-        fractions of the real change).
+        the scene alone predicts; only for a model trained with `action_dropout` > 0), and of the VAE's
+        reconstruction of the real next frame (the ceiling), each measured from the VAE's reconstruction of the
+        current frame (`change_explained` turns them into fractions of the real change).
     predictions: if given, receives the two predicted frames ("pred_true", "pred_other") for the strip. A
         model can score a high sensitivity by spoiling its frame for an implausible chunk instead of showing
         the chunk's consequence; the pictures and the change explained by the true chunk tell the two apart.
@@ -390,8 +390,9 @@ def _frame_baselines(policy: Any, obs: dict[str, Any], batch: dict[str, Any], ot
         out["real_change"] = (((real - current.astype(np.float64)) * to01) ** 2).mean(axis=(-3, -2, -1))
         out["change_residual_true"] = change_residual(true_pred, reference, current, real)
         out["change_residual_other"] = change_residual(other_pred, reference, current, real)
-        no_action_pred = policy.predict_next(obs, None, generator=torch.Generator().manual_seed(seed))
-        out["change_residual_no_action"] = change_residual(no_action_pred, reference, current, real)
+        if getattr(getattr(policy, "config", None), "action_dropout", 0.0) > 0:  # else no trained no-action mode
+            no_action_pred = policy.predict_next(obs, None, generator=torch.Generator().manual_seed(seed))
+            out["change_residual_no_action"] = change_residual(no_action_pred, reference, current, real)
     return out
 
 
