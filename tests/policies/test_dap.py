@@ -198,8 +198,14 @@ def test_losses_are_finite_and_backpropagate(method, encoder):
 
 
 def test_vae_stage_weights_the_foreground_when_asked():
-    """`vae.foreground_weight` (set like any field) reaches the VAE stage's loss; "recon" stays the plain MSE."""
-    batch = {"images": _batch(4)["images"][:, -1]}
+    """`vae.foreground_weight` (set like any field) reaches the VAE stage's loss; "recon" stays the plain MSE.
+    The frames have a static scene (a fixed random background) and a bright square that moves between them:
+    frames of pure noise would have none, and such a camera is left unweighted (`foreground_weights`)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (1, 2, 32, 32, 3), generator=g, dtype=torch.uint8).repeat(4, 1, 1, 1, 1)
+    for i in range(4):
+        images[i, :, 4 * i:4 * i + 6, 4 * i:4 * i + 6] = 255
+    batch = {"images": images}
     plain = _policy("dap").train()
     torch.manual_seed(0)
     base = plain.compute_loss(batch, "vae")
