@@ -48,13 +48,16 @@ class CouplingTrace:
 
 def coupled_generation(dynamics_velocity: VelocityFn, policy_velocity: VelocityFn, z_noise: Tensor,
                        a_noise: Tensor, steps: int, mode: str = "jacobi",
-                       trace: CouplingTrace | None = None) -> tuple[Tensor, Tensor | None]:
+                       trace: CouplingTrace | None = None,
+                       stop_after: int | None = None) -> tuple[Tensor, Tensor | None]:
     """Algorithm 1: generate (A, Z) together; each model conditions on the other's clean estimate.
 
     jacobi:       both models see the other's estimate from the previous step (parallelisable).
     gauss_seidel: the policy steps first; the dynamics model sees the fresh action estimate.
     predict_then_act: a full action-agnostic dynamics rollout first, then the policy on its result.
     off:          the plain flow policy (no dynamics calls, null next observation).
+    stop_after: run only the first n of the K steps of Jacobi / Gauss-Seidel (the time grid stays K's), for a
+        caller that needs only the early part of the trace (the training-time `rollout` source).
     Returns (actions, next latents); the latents are None in mode "off".
     """
     if mode == "off":
@@ -70,7 +73,7 @@ def coupled_generation(dynamics_velocity: VelocityFn, policy_velocity: VelocityF
     z, a = z_noise, a_noise
     z_hat: Tensor | None = None
     a_hat: Tensor | None = None
-    for tau in time_grid(steps):
+    for tau in time_grid(steps)[:stop_after]:
         v_a = policy_velocity(a, tau, z_hat)
         if mode == "gauss_seidel":
             a_hat = extrapolate(a, v_a, tau)
