@@ -308,6 +308,21 @@ def test_rollout_source_runs_each_sample_only_as_far_as_its_step(mode, monkeypat
             torch.testing.assert_close(est[i], trace.z_hat[i % k - 1][i], rtol=1e-4, atol=1e-5)
 
 
+def test_rollout_source_restores_the_policy_network_mode_after_an_error(monkeypatch):
+    """The rollout samples with the policy network in eval mode; a failure inside it leaves training's mode."""
+    policy = _policy(coupling="jacobi").train()
+    batch = _batch(3)
+    tokens = policy.observation_tokens(batch, augment=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("dynamics model failed")
+
+    monkeypatch.setattr(policy.dynamics, "forward", broken)
+    with pytest.raises(RuntimeError, match="dynamics model failed"):
+        policy._rollout_estimate(batch, tokens, torch.randn(3, 16, 3), torch.tensor([0.9, 0.9, 0.9]))
+    assert policy.policy_net.training
+
+
 def test_rollout_share_trains_on_own_rollouts(monkeypatch):
     """A rollout share calls the coupled rollout (not the ground truth) for its samples."""
     policy = _policy(**{"next_obs_mix.ground_truth": 0, "next_obs_mix.dynamics": 0, "next_obs_mix.rollout": 1.0,

@@ -258,20 +258,21 @@ class DAPPolicy(FMPolicy):
                                             trace, stop_after=stop_after)
             return trace, z_final
 
-        if mode == "predict_then_act":
-            _, z_final = trace_of(torch.arange(b, device=z0.device), None)
+        try:
+            if mode == "predict_then_act":
+                _, z_final = trace_of(torch.arange(b, device=z0.device), None)
+                return z_final, torch.zeros(b, dtype=torch.bool, device=z0.device)
+            picked = torch.zeros_like(z0)
+            middle = steps // 2
+            for low, high in ((1, middle), (middle + 1, steps - 1)):  # the estimate of step j - 1 needs j steps
+                rows = ((step >= low) & (step <= high)).nonzero().flatten()
+                if rows.numel():
+                    trace, _ = trace_of(rows, int(step[rows].max()))
+                    z_hats = torch.stack(trace.z_hat)  # [steps run, n, ...]: z_hat of step j conditions step j + 1
+                    picked[rows] = z_hats[step[rows] - 1, torch.arange(rows.numel(), device=z0.device)]
+            return picked, step == 0
+        finally:  # the rollout samples as inference does; training goes on in the mode it was in
             self.policy_net.train(was_training)
-            return z_final, torch.zeros(b, dtype=torch.bool, device=z0.device)
-        picked = torch.zeros_like(z0)
-        middle = steps // 2
-        for low, high in ((1, middle), (middle + 1, steps - 1)):  # the estimate of step j - 1 needs j steps
-            rows = ((step >= low) & (step <= high)).nonzero().flatten()
-            if rows.numel():
-                trace, _ = trace_of(rows, int(step[rows].max()))
-                z_hats = torch.stack(trace.z_hat)  # [steps run, n, ...]: z_hat of step j conditions step j + 1
-                picked[rows] = z_hats[step[rows] - 1, torch.arange(rows.numel(), device=z0.device)]
-        self.policy_net.train(was_training)
-        return picked, step == 0
 
     # ------------------------------------------------------------------ the dynamics model alone
     @torch.no_grad()
