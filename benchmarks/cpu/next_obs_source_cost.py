@@ -10,6 +10,7 @@ RUN is a DAP run (or model) folder, e.g. W/runs/dap-resnet-6k-fg-imgread/pusht/s
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -56,9 +57,9 @@ def main() -> None:
             policy.zero_grad(set_to_none=True)
             if rep:
                 times[name].append(time.perf_counter() - start)
-    base = sorted(times["dynamics"])[len(times["dynamics"]) // 2]
+    base = statistics.median(times["dynamics"])
     for name in SOURCES:
-        median = sorted(times[name])[len(times[name]) // 2]
+        median = statistics.median(times[name])
         print(f"{name:9s} median {median:.3f} s/step ({median / base:.2f}x the dynamics source), "
               f"steps {[round(x, 2) for x in times[name]]}")
 
