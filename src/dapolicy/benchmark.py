@@ -786,7 +786,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", choices=("success", "score"), default="success",
                    help="with --compare: compare the episodes' successes (McNemar's test) or their task scores "
                         "(PushT's coverage score, where every success rate is 0 at a short budget; sign test)")
-    p.add_argument("--out", default=None, help="with --compare: also write the comparison to this JSON file")
+    p.add_argument("--scoreboard", default=None, metavar="A",
+                   help="where row A wins, ties and loses: its paired difference against each row of --against "
+                        "(default: the suite's [headline] rows), per task, in distribution and OOD pooled, with a "
+                        "verdict from the interval (none under 3 shared training seeds); --tasks limits it")
+    p.add_argument("--against", default=None, metavar="B,C",
+                   help="with --scoreboard: the rows to compare A against")
+    p.add_argument("--out", default=None,
+                   help="with --compare or --scoreboard: also write the result to this JSON file")
     from dapolicy.cli_options import add_device, add_quiet, add_threads, add_workers
 
     add_threads(p, None, "training's auto rule, the cores the load average leaves free")
@@ -819,8 +826,14 @@ def run(args: argparse.Namespace) -> int:
     only, tasks, seeds = _csv_list(args.only), _csv_list(args.tasks), _seed_list(args.seeds)
     cells = plan_cells(suite, args.split, only, tasks, seeds, _csv_list(args.suites))
     work = Path(args.work) if args.work else Path("runs") / "benchmarks" / suite.name
+    if args.compare and args.scoreboard:
+        raise SuiteError("--compare and --scoreboard are two different reports: give one of them")
+    if args.against and not args.scoreboard:
+        raise SuiteError("--against goes with --scoreboard A")
     if args.compare:
         return _run_compare(args, suite, work, tasks, seeds)
+    if args.scoreboard:
+        return _run_scoreboard(args, suite, work, tasks)
     if not cells and not args.train_only:
         print(f"dap benchmark: no cell of suite {suite.name!r} on the {args.split} split matches this selection "
               f"(the rows' tasks, seeds, suites and splits in {suite.path} limit it)", file=sys.stderr)
@@ -860,5 +873,16 @@ def _run_compare(args: argparse.Namespace, suite: Suite, work: Path, tasks: list
     print(markdown(report))
     if args.out:
         write_json_atomic(args.out, report)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _run_scoreboard(args: argparse.Namespace, suite: Suite, work: Path, tasks: list[str] | None) -> int:
+    from dapolicy.scoreboard import markdown, scoreboard
+
+    board = scoreboard(suite, args.scoreboard.strip(), _csv_list(args.against), args.split, tasks, work)
+    print(markdown(board))
+    if args.out:
+        write_json_atomic(args.out, board)
         print(f"wrote {args.out}")
     return 0
