@@ -71,6 +71,7 @@ def test_scoreboard_from_the_command_line(smoke, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Scoreboard of `dap`" in printed and "too few seeds" in printed
     assert json.loads(out.read_text())["row"] == "dap"
+    assert (tmp_path / "board.md").read_text().startswith("Scoreboard of `dap`")
     assert cli_main(["benchmark", toml, "--against", "fm"]) == 2
     assert "--against goes with --scoreboard" in capsys.readouterr().err
     assert cli_main(["benchmark", toml, "--scoreboard", "dap", "--compare", "dap,fm"]) == 2

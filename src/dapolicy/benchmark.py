@@ -793,7 +793,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against", default=None, metavar="B,C",
                    help="with --scoreboard: the rows to compare A against")
     p.add_argument("--out", default=None,
-                   help="with --compare or --scoreboard: also write the result to this JSON file")
+                   help="with --compare or --scoreboard: also write the result to this JSON file (--scoreboard: "
+                        "and its table beside it, as .md)")
     from dapolicy.cli_options import add_device, add_quiet, add_threads, add_workers
 
     add_threads(p, None, "training's auto rule, the cores the load average leaves free")
@@ -881,8 +882,10 @@ def _run_scoreboard(args: argparse.Namespace, suite: Suite, work: Path, tasks: l
     from dapolicy.scoreboard import markdown, scoreboard
 
     board = scoreboard(suite, args.scoreboard.strip(), _csv_list(args.against), args.split, tasks, work)
-    print(markdown(board))
-    if args.out:
+    table = markdown(board)
+    print(table)
+    if args.out:  # the JSON, and the table beside it (same name, .md) for the docs to link
         write_json_atomic(args.out, board)
-        print(f"wrote {args.out}")
+        _write_text(Path(args.out).with_suffix(".md"), table)
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0
