@@ -76,3 +76,13 @@ def test_scoreboard_from_the_command_line(smoke, tmp_path, capsys):
     assert "--against goes with --scoreboard" in capsys.readouterr().err
     assert cli_main(["benchmark", toml, "--scoreboard", "dap", "--compare", "dap,fm"]) == 2
     assert "give one of them" in capsys.readouterr().err
+
+
+def test_cells_without_episode_records_are_named_not_hidden(smoke, tmp_path):
+    folder, _ = smoke
+    copy, _ = copy_with_edited_cell(folder, tmp_path / "old", "fm__button__s0__light.json",
+                                    lambda r: r.pop("episode_successes"))
+    board = scoreboard(bm.load_suite(copy / "suite.toml"), "dap", ["fm"], work=tmp_path / "no-runs", min_seeds=1)
+    assert [e["suite"] for e in board["entries"]] == ["none"]  # the OOD pool lost its only cell
+    assert len(board["skipped"]) == 1 and "fm__button__s0__light.json" in board["skipped"][0]
+    assert "1 cells left out" in markdown(board)

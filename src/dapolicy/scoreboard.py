@@ -47,6 +47,7 @@ def scoreboard(suite: Suite, row: str, against: list[str] | None = None, split: 
             raise SuiteError(f"suite {suite.name!r} has no row {b!r} (rows: {', '.join(suite.variants)})")
     cells = read_cells(suite, split)
     entries: list[dict[str, Any]] = []
+    skipped: list[str] = []  # cells with no per-episode records: their seeds drop out of the pair
     for task in [t for t in suite.tasks if tasks is None or t in tasks]:
         metric = "score" if scored_task(cells, task) else "success"
         for b in others:
@@ -54,6 +55,7 @@ def scoreboard(suite: Suite, row: str, against: list[str] | None = None, split: 
                 report = compare(suite, row, b, split, [task], work, metric)
             except SuiteError:  # no finished cells in common on this task
                 continue
+            skipped += [why for why in report["skipped"] if why not in skipped]
             for r in report["results"]:
                 if r["suite"] not in (IN_DISTRIBUTION, OOD_POOL):
                     continue
@@ -66,7 +68,7 @@ def scoreboard(suite: Suite, row: str, against: list[str] | None = None, split: 
     tally = {b: {v: sum(e["against"] == b and e["verdict"] == v for e in entries) for v in VERDICTS}
              for b in others}
     return {"suite": suite.name, "split": split, "row": row, "against": others, "min_seeds": min_seeds,
-            "entries": entries, "tally": tally}
+            "entries": entries, "tally": tally, "skipped": skipped}
 
 
 def markdown(board: dict[str, Any]) -> str:
@@ -95,4 +97,7 @@ def markdown(board: dict[str, Any]) -> str:
     lines += ["", "| against | " + " | ".join(VERDICTS) + " |", "|---|" + "---|" * len(VERDICTS)]
     for b in others:
         lines.append(f"| `{b}` | " + " | ".join(str(board["tally"][b][v]) for v in VERDICTS) + " |")
+    if board.get("skipped"):
+        lines += ["", f"{len(board['skipped'])} cells left out (their seeds drop out of those pairs):"]
+        lines += [f"- {why}" for why in board["skipped"]]
     return "\n".join(lines) + "\n"
