@@ -58,8 +58,11 @@ def test_scoreboard_errors_name_the_problem(smoke):
         scoreboard(suite, "dap", ["nope"], work=work)
     with pytest.raises(bm.SuiteError, match="--against"):  # the smoke suite has no [headline] to default to
         scoreboard(suite, "dap", work=work)
-    with pytest.raises(bm.SuiteError, match="shares no finished cell"):
+    with pytest.raises(bm.SuiteError, match="no task 'elsewhere'"):
         scoreboard(suite, "dap", ["fm"], tasks=["elsewhere"], work=work)
+    with pytest.raises(bm.SuiteError, match="shares no finished cell"):  # the smoke suite trains seed 0 only
+        scoreboard(suite, "dap", ["fm"], work=work, seeds=[1])
+    assert scoreboard(suite, "dap", ["fm"], work=work, seeds=[0])["entries"]
 
 
 def test_scoreboard_from_the_command_line(smoke, tmp_path, capsys):

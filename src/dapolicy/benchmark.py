@@ -789,7 +789,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scoreboard", default=None, metavar="A",
                    help="where row A wins, ties and loses: its paired difference against each row of --against "
                         "(default: the suite's [headline] rows), per task, in distribution and OOD pooled, with a "
-                        "verdict from the interval (none under 3 shared training seeds); --tasks limits it")
+                        "verdict from the interval (none under 3 shared training seeds); --tasks and --seeds limit it")
     p.add_argument("--against", default=None, metavar="B,C",
                    help="with --scoreboard: the rows to compare A against")
     p.add_argument("--out", default=None,
@@ -834,7 +834,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         return _run_compare(args, suite, work, tasks, seeds)
     if args.scoreboard:
-        return _run_scoreboard(args, suite, work, tasks)
+        return _run_scoreboard(args, suite, work, tasks, seeds)
     if not cells and not args.train_only:
         print(f"dap benchmark: no cell of suite {suite.name!r} on the {args.split} split matches this selection "
               f"(the rows' tasks, seeds, suites and splits in {suite.path} limit it)", file=sys.stderr)
@@ -878,10 +878,12 @@ def _run_compare(args: argparse.Namespace, suite: Suite, work: Path, tasks: list
     return 0
 
 
-def _run_scoreboard(args: argparse.Namespace, suite: Suite, work: Path, tasks: list[str] | None) -> int:
+def _run_scoreboard(args: argparse.Namespace, suite: Suite, work: Path, tasks: list[str] | None,
+                    seeds: list[int] | None) -> int:
     from dapolicy.scoreboard import markdown, scoreboard
 
-    board = scoreboard(suite, args.scoreboard.strip(), _csv_list(args.against), args.split, tasks, work)
+    board = scoreboard(suite, args.scoreboard.strip(), _csv_list(args.against), args.split, tasks, work,
+                       seeds=seeds)
     table = markdown(board)
     print(table)
     if args.out:  # the JSON, and the table beside it (same name, .md) for the docs to link

@@ -33,9 +33,11 @@ def verdict(ci95: tuple[float, float] | list[float], seeds: int, min_seeds: int 
 
 
 def scoreboard(suite: Suite, row: str, against: list[str] | None = None, split: str = "test",
-               tasks: list[str] | None = None, work: Any = None, min_seeds: int = 3) -> dict[str, Any]:
-    """`row` against each row of `against` (default: the suite's headline rows but `row`), per task, in
-    distribution and OOD pooled. Entries where the two rows share no finished cell are left out."""
+               tasks: list[str] | None = None, work: Any = None, min_seeds: int = 3,
+               seeds: list[int] | None = None) -> dict[str, Any]:
+    """`row` against each row of `against` (default: the suite's headline rows but `row`), per task (`tasks`:
+    only those), in distribution and OOD pooled, on their shared training seeds (`seeds`: only those). Entries
+    where the two rows share no finished cell are left out."""
     if row not in suite.variants:
         raise SuiteError(f"suite {suite.name!r} has no row {row!r} (rows: {', '.join(suite.variants)})")
     others = [b for b in (against if against is not None else list(suite.headline)) if b != row]
@@ -45,6 +47,10 @@ def scoreboard(suite: Suite, row: str, against: list[str] | None = None, split: 
     for b in others:
         if b not in suite.variants:
             raise SuiteError(f"suite {suite.name!r} has no row {b!r} (rows: {', '.join(suite.variants)})")
+    unknown = sorted(set(tasks or []) - set(suite.tasks))
+    if unknown:
+        raise SuiteError(f"suite {suite.name!r} has no task {', '.join(map(repr, unknown))} "
+                         f"(tasks: {', '.join(suite.tasks)})")
     cells = read_cells(suite, split)
     entries: list[dict[str, Any]] = []
     skipped: list[str] = []  # cells with no per-episode records: their seeds drop out of the pair
@@ -52,7 +58,7 @@ def scoreboard(suite: Suite, row: str, against: list[str] | None = None, split: 
         metric = "score" if scored_task(cells, task) else "success"
         for b in others:
             try:
-                report = compare(suite, row, b, split, [task], work, metric)
+                report = compare(suite, row, b, split, [task], work, metric, seeds)
             except SuiteError:  # no finished cells in common on this task
                 continue
             skipped += [why for why in report["skipped"] if why not in skipped]
