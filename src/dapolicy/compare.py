@@ -48,6 +48,13 @@ def _require_metric(metric: str) -> None:
         raise SuiteError(f"unknown metric {metric!r} (metrics: {', '.join(METRICS)})")
 
 
+def require_rows(suite: Suite, *names: str) -> None:
+    """A SuiteError naming the first of `names` that is not a row of the suite, with the rows it has."""
+    for name in names:
+        if name not in suite.variants:
+            raise SuiteError(f"suite {suite.name!r} has no row {name!r} (rows: {', '.join(suite.variants)})")
+
+
 def mcnemar_exact_p(a_only: int, b_only: int) -> float:
     """Two-sided exact McNemar test: the discordant pairs are Binomial(n, 1/2) under 'no difference'."""
     n = a_only + b_only
@@ -129,9 +136,7 @@ def compare(suite: Suite, a: str, b: str, split: str = "test", tasks: list[str] 
     """Paired comparison of rows `a` and `b` per task and suite (the cells both have, same seeds), on the
     episodes' successes or scores (`metric`); `seeds` limits it to those training seeds (None: all)."""
     _require_metric(metric)
-    for name in (a, b):
-        if name not in suite.variants:
-            raise SuiteError(f"suite {suite.name!r} has no row {name!r} (rows: {', '.join(suite.variants)})")
+    require_rows(suite, a, b)
     cells_a = {(c.task, c.seed, c.suite): c for c in plan_cells(suite, split, [a], tasks, seeds)}
     cells_b = {(c.task, c.seed, c.suite): c for c in plan_cells(suite, split, [b], tasks, seeds)}
     shared = sorted(k for k in set(cells_a) & set(cells_b)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from dapolicy.benchmark import Suite, SuiteError, read_cells, scored_task
-from dapolicy.compare import OOD_POOL, compare
+from dapolicy.compare import OOD_POOL, compare, require_rows
 
 IN_DISTRIBUTION = "none"
 VERDICTS = ("win", "tie", "loss", "too few seeds")
@@ -38,15 +38,12 @@ def scoreboard(suite: Suite, row: str, against: list[str] | None = None, split: 
     """`row` against each row of `against` (default: the suite's headline rows but `row`), per task (`tasks`:
     only those), in distribution and OOD pooled, on their shared training seeds (`seeds`: only those). Entries
     where the two rows share no finished cell are left out."""
-    if row not in suite.variants:
-        raise SuiteError(f"suite {suite.name!r} has no row {row!r} (rows: {', '.join(suite.variants)})")
+    require_rows(suite, row)
     others = [b for b in (against if against is not None else list(suite.headline)) if b != row]
     if not others:
         raise SuiteError("--scoreboard needs rows to compare against: pass --against B,C (the suite has no "
                          "[headline] rows besides this one)")
-    for b in others:
-        if b not in suite.variants:
-            raise SuiteError(f"suite {suite.name!r} has no row {b!r} (rows: {', '.join(suite.variants)})")
+    require_rows(suite, *others)  # up front: a missing row must not pass for "no shared cells" below
     unknown = sorted(set(tasks or []) - set(suite.tasks))
     if unknown:
         raise SuiteError(f"suite {suite.name!r} has no task {', '.join(map(repr, unknown))} "
